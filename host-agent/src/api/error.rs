@@ -1,0 +1,105 @@
+//! Errors in the shape Lambda's API returns them: a status, the `x-amzn-ErrorType` header and
+//! a JSON body `{"Type": "User"|"Service", "message": ...}`, which botocore parses.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct LambdaError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Extra JSON fields (e.g. `Reason` on throttles).
+    pub reason: Option<&'static str>,
+}
+
+impl LambdaError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        LambdaError {
+            status,
+            code,
+            message: message.into(),
+            reason: None,
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "ResourceNotFoundException", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "ResourceConflictException", message)
+    }
+
+    pub fn invalid_parameter(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            message,
+        )
+    }
+
+    pub fn invalid_content(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            message,
+        )
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            message,
+        )
+    }
+
+    pub fn throttled(message: impl Into<String>) -> Self {
+        LambdaError {
+            reason: Some("ConcurrentInvocationLimitExceeded"),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                message,
+            )
+        }
+    }
+
+    pub fn service(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ServiceException",
+            message,
+        )
+    }
+
+    pub fn unknown_operation() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            "Unknown operation",
+        )
+    }
+}
+
+impl IntoResponse for LambdaError {
+    fn into_response(self) -> Response {
+        let kind = if self.status.is_server_error() {
+            "Service"
+        } else {
+            "User"
+        };
+        let mut body = json!({ "Type": kind, "message": self.message });
+        if let Some(reason) = self.reason {
+            body["Reason"] = json!(reason);
+        }
+        let mut res = (self.status, Json(body)).into_response();
+        res.headers_mut()
+            .insert("x-amzn-errortype", HeaderValue::from_static(self.code));
+        res
+    }
+}

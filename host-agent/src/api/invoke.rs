@@ -1,0 +1,178 @@
+//! Invoke: `POST /2015-03-31/functions/{name}/invocations`.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use rapid_api::InvokeOutcome;
+
+use super::functions::lookup;
+use super::{LambdaError, SharedState};
+use crate::pool::PoolError;
+use crate::sandbox::{InvokeRequest, StartError};
+
+/// Largest synchronous invoke payload (6 MB).
+pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
+/// Largest `X-Amz-Client-Context` header (base64).
+const MAX_CLIENT_CONTEXT: usize = 3583;
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub async fn invoke(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let mut res = match handle(state, &name, &q, &headers, body, &request_id).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        res.headers_mut().insert("x-amzn-requestid", v);
+    }
+    res
+}
+
+async fn handle(
+    state: SharedState,
+    name: &str,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+    request_id: &str,
+) -> Result<Response, LambdaError> {
+    let function = lookup(&state.registry, name, q.get("Qualifier").map(String::as_str))?;
+    let invocation_type = header(headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
+    match invocation_type {
+        "RequestResponse" | "DryRun" => {}
+        "Event" => {
+            return Err(LambdaError::invalid_parameter(
+                "InvocationType Event (asynchronous invocation) is not supported by this Kindling version yet",
+            ))
+        }
+        other => {
+            return Err(LambdaError::invalid_parameter(format!(
+                "1 validation error detected: Value '{other}' at 'invocationType' failed to satisfy constraint: \
+                 Member must satisfy enum value set: [Event, RequestResponse, DryRun]"
+            )))
+        }
+    }
+    if let Some(log_type) = header(headers, "x-amz-log-type") {
+        if log_type != "None" && log_type != "Tail" {
+            return Err(LambdaError::invalid_parameter(format!(
+                "1 validation error detected: Value '{log_type}' at 'logType' failed to satisfy constraint: \
+                 Member must satisfy enum value set: [None, Tail]"
+            )));
+        }
+    }
+    let client_context = match header(headers, "x-amz-client-context") {
+        None => None,
+        Some(b64) => Some(decode_client_context(b64)?),
+    };
+    let payload = read_payload(body).await?;
+    if invocation_type == "DryRun" {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+
+    let req = InvokeRequest {
+        request_id: request_id.to_string(),
+        payload,
+        client_context,
+        trace_id: new_trace_id(),
+    };
+    // The invocation runs in its own task: a caller that hangs up does not cut it short
+    // (Lambda runs it to the end), and the environment is returned or stopped properly.
+    let pool = state.pool.clone();
+    let outcome = tokio::spawn(async move { pool.invoke(function, req).await })
+        .await
+        .map_err(|e| LambdaError::service(format!("invocation task failed: {e}")))?;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(PoolError::Throttled(_)) => {
+            return Err(LambdaError::throttled("Rate Exceeded."));
+        }
+        Err(PoolError::Start(StartError::Function(report))) => InvokeOutcome::Error(report),
+        Err(PoolError::Start(StartError::Host(msg))) => {
+            tracing::error!(error = %msg, "cannot start an execution environment");
+            return Err(LambdaError::service(msg));
+        }
+    };
+    Ok(outcome_response(outcome))
+}
+
+fn outcome_response(outcome: InvokeOutcome) -> Response {
+    let (body, function_error) = match outcome {
+        InvokeOutcome::Response { body, .. } => (body, None),
+        InvokeOutcome::Error(report) => (report.body, Some("Unhandled")),
+    };
+    let mut res = (StatusCode::OK, body).into_response();
+    let h = res.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    h.insert("x-amz-executed-version", HeaderValue::from_static("$LATEST"));
+    if let Some(fe) = function_error {
+        h.insert("x-amz-function-error", HeaderValue::from_static(fe));
+    }
+    res
+}
+
+fn decode_client_context(b64: &str) -> Result<String, LambdaError> {
+    if b64.len() > MAX_CLIENT_CONTEXT {
+        return Err(LambdaError::invalid_parameter(format!(
+            "Client context must be at most {MAX_CLIENT_CONTEXT} bytes"
+        )));
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| LambdaError::invalid_content("Client context must be a valid Base64-encoded JSON object."))?;
+    match serde_json::from_slice::<serde_json::Value>(&raw) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => {
+            return Err(LambdaError::invalid_content(
+                "Client context must be a valid Base64-encoded JSON object.",
+            ))
+        }
+    }
+    String::from_utf8(raw).map_err(|_| LambdaError::invalid_content("Client context is not UTF-8"))
+}
+
+/// Reads the payload: at most 6 MB, and JSON (Lambda refuses anything else). An empty body is
+/// the empty JSON object.
+async fn read_payload(body: Body) -> Result<Bytes, LambdaError> {
+    let bytes = match Limited::new(body, MAX_SYNC_PAYLOAD).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(LambdaError::too_large(format!(
+                "Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction operation"
+            )))
+        }
+        Err(e) => {
+            return Err(LambdaError::invalid_content(format!(
+                "Could not read the request body: {e}"
+            )))
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Bytes::from_static(b"{}"));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| {
+        LambdaError::invalid_content(format!("Could not parse request body into json: {e}"))
+    })?;
+    Ok(bytes)
+}
+
+/// An X-Ray trace header for the invocation: `Root=1-<epoch hex>-<24 hex>;Sampled=0`.
+fn new_trace_id() -> String {
+    let secs = chrono::Utc::now().timestamp();
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!("Root=1-{secs:08x}-{};Parent={};Sampled=0", &rand[..24], &rand[16..32])
+}

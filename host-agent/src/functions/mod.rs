@@ -1,0 +1,14 @@
+//! The function registry: what a function is, how it is stored, and how its code is unpacked.
+
+mod archive;
+mod config;
+mod store;
+
+pub use archive::{
+    build_zip, extract_zip, zip_dir, ArchiveError, ZipEntry, MAX_UNZIPPED_BYTES, MAX_ZIP_BYTES,
+};
+pub use config::{
+    parse_function_ref, CreateFunctionRequest, FunctionConfiguration, FunctionRef, NewFunction,
+    Runtime, ValidationError,
+};
+pub use store::{Function, Registry, RegistryError};

@@ -1,0 +1,16 @@
+//! The Kindling host agent: the `kindling` daemon and CLI.
+//!
+//! - [`api`]: Lambda's function and Invoke API over HTTP.
+//! - [`functions`]: the function registry and code store.
+//! - [`pool`]: the scheduler (one invocation per environment).
+//! - [`sandbox`]: execution environments and their backends.
+//! - [`serve`]: wiring it all up for `kindling serve`.
+//! - [`cli`]: the thin client commands (`kindling invoke`, `kindling function ...`).
+
+pub mod api;
+pub mod cli;
+pub mod examples;
+pub mod functions;
+pub mod pool;
+pub mod sandbox;
+pub mod serve;

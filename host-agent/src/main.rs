@@ -1,0 +1,259 @@
+//! `kindling`: the Kindling agent and its command-line client.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use host_agent::cli::{create_body, Client, CliError, CreateArgs};
+use host_agent::serve::{self, BackendKind, ServeConfig};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "kindling", version, about = "A Lambda-compatible serverless runtime for KVM hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: Lambda's API on one listener, functions in sandboxes.
+    Serve(ServeArgs),
+    /// Invoke a function and print its response.
+    Invoke {
+        /// Function name or ARN.
+        name: String,
+        /// The event (JSON). Default: {}.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        #[command(flatten)]
+        conn: Conn,
+        /// Print {StatusCode, FunctionError, ExecutedVersion, Payload} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage functions.
+    #[command(subcommand)]
+    Function(FunctionCmd),
+}
+
+#[derive(clap::Args)]
+struct Conn {
+    /// The agent's address.
+    #[arg(long, env = "KINDLING_ENDPOINT", default_value = "http://127.0.0.1:9000", global = true)]
+    endpoint: String,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address of Lambda's API.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+    /// Sandbox backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendKind,
+    /// Where functions and state live. Default: ~/.local/share/kindling.
+    #[arg(long, env = "KINDLING_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Python interpreter with awslambdaric, for python3.11 functions.
+    #[arg(long, env = "KINDLING_PYTHON", default_value = "python3")]
+    python: PathBuf,
+    /// Region reported to functions and in ARNs.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    region: String,
+    /// Most execution environments at once (busy and idle); beyond it invokes get 429.
+    #[arg(long, default_value_t = 64)]
+    max_environments: usize,
+    /// Longest a runtime may take to initialise, in seconds.
+    #[arg(long, default_value_t = 10)]
+    init_timeout: u64,
+    /// Do not deploy the bundled example functions.
+    #[arg(long)]
+    no_examples: bool,
+}
+
+#[derive(Subcommand)]
+enum FunctionCmd {
+    /// Create a function from a ZIP or a directory.
+    Create {
+        name: String,
+        /// provided.al2023, provided.al2 or python3.11.
+        #[arg(long)]
+        runtime: String,
+        /// Handler (module.function for python3.11).
+        #[arg(long)]
+        handler: Option<String>,
+        /// A ZIP archive of the code.
+        #[arg(long, conflicts_with = "dir")]
+        zip: Option<PathBuf>,
+        /// A directory to zip up as the code.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Timeout in seconds (1-900).
+        #[arg(long)]
+        timeout: Option<u32>,
+        /// Memory in MB (128-10240).
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List functions.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Print the configurations as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a function's configuration (JSON).
+    Get {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a function.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KINDLING_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+    }
+    tracing::info!("signal received; stopping (press Ctrl-C again to force)");
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
+}
+
+async fn run_serve(a: ServeArgs) -> Result<(), String> {
+    let cfg = ServeConfig {
+        listen: a.listen,
+        backend: a.backend,
+        data_dir: a.data_dir.unwrap_or_else(serve::default_data_dir),
+        python: a.python,
+        region: a.region,
+        account_id: "000000000000".into(),
+        max_environments: a.max_environments.max(1),
+        init_timeout: Duration::from_secs(a.init_timeout.max(1)),
+        deploy_examples: !a.no_examples,
+    };
+    serve::run(
+        cfg,
+        // Scripts and tests read this line to learn the address (useful with port 0).
+        |addr| println!("kindling: listening on http://{addr}"),
+        shutdown_signal(),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+async fn run_client(cmd: Command) -> Result<ExitCode, CliError> {
+    match cmd {
+        Command::Serve(_) => unreachable!("handled in main"),
+        Command::Invoke { name, payload, conn, json } => {
+            let r = Client::new(&conn.endpoint).invoke(&name, payload.into_bytes()).await?;
+            if json {
+                let payload: Value = serde_json::from_slice(&r.payload)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.payload).into_owned()));
+                let out = json!({
+                    "StatusCode": r.status,
+                    "FunctionError": r.function_error,
+                    "ExecutedVersion": r.executed_version,
+                    "Payload": payload,
+                });
+                println!("{out}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{}", String::from_utf8_lossy(&r.payload));
+            if let Some(fe) = r.function_error {
+                eprintln!("kindling: the function returned an error ({fe})");
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Function(f) => match f {
+            FunctionCmd::Create { name, runtime, handler, zip, dir, timeout, memory, env, conn } => {
+                let body = create_body(CreateArgs { name, runtime, handler, zip, dir, timeout, memory, env })?;
+                let cfg = Client::new(&conn.endpoint).create(body).await?;
+                println!("{}", serde_json::to_string_pretty(&cfg).unwrap_or_default());
+                Ok(ExitCode::SUCCESS)
+            }
+            FunctionCmd::List { conn, json } => {
+                let fns = Client::new(&conn.endpoint).list().await?;
+                if json {
+                    println!("{}", Value::Array(fns));
+                } else {
+                    println!("{:<32} {:<16} {:<28} {:>7} {:>8}", "NAME", "RUNTIME", "HANDLER", "MEMORY", "TIMEOUT");
+                    for f in fns {
+                        println!(
+                            "{:<32} {:<16} {:<28} {:>7} {:>8}",
+                            f["FunctionName"].as_str().unwrap_or(""),
+                            f["Runtime"].as_str().unwrap_or(""),
+                            f["Handler"].as_str().unwrap_or(""),
+                            f["MemorySize"],
+                            f["Timeout"],
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            FunctionCmd::Get { name, conn } => {
+                let f = Client::new(&conn.endpoint).get(&name).await?;
+                println!("{}", serde_json::to_string_pretty(&f).unwrap_or_default());
+                Ok(ExitCode::SUCCESS)
+            }
+            FunctionCmd::Delete { name, conn } => {
+                Client::new(&conn.endpoint).delete(&name).await?;
+                eprintln!("deleted {name}");
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(a) => {
+            init_tracing();
+            match run_serve(a).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kindling: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        cmd => match run_client(cmd).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("kindling: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,78 @@
+//! Execution environments ("sandboxes") and the backends that start them.
+//!
+//! A sandbox runs one function's runtime and serves one invocation at a time. The pool
+//! (`crate::pool`) decides when to start, reuse or stop one; the backend decides how.
+
+pub mod process;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rapid_api::{ErrorReport, InvokeOutcome};
+
+use crate::functions::Function;
+
+/// What a backend needs to start an environment for a function.
+#[derive(Clone)]
+pub struct EnvSpec {
+    pub function: Arc<Function>,
+    pub region: String,
+    /// How long the runtime may take to reach its first `/next`.
+    pub init_timeout: Duration,
+}
+
+/// One invocation, as the agent hands it to a sandbox.
+#[derive(Debug, Clone)]
+pub struct InvokeRequest {
+    pub request_id: String,
+    pub payload: Bytes,
+    /// Decoded client context JSON, when the caller sent one.
+    pub client_context: Option<String>,
+    pub trace_id: String,
+}
+
+/// Why an environment could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The function's fault (bad entrypoint, init error, crash or timeout in init): the caller
+    /// gets this as a function error, as Lambda does.
+    #[error("function init failed: {}", .0.error_type)]
+    Function(ErrorReport),
+    /// The host's fault (cannot spawn, bind, ...): a service error.
+    #[error("could not start an execution environment: {0}")]
+    Host(String),
+}
+
+/// A running execution environment.
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    /// A short id for logs.
+    fn id(&self) -> &str;
+
+    /// Runs one invocation to its end: a response, a function error, or a platform error
+    /// (crash, timeout) reported as a function error.
+    async fn invoke(&mut self, req: InvokeRequest) -> InvokeOutcome;
+
+    /// Whether the environment can take another invocation.
+    fn is_reusable(&self) -> bool;
+
+    /// Stops the environment and frees what it holds.
+    async fn stop(self: Box<Self>);
+}
+
+/// A way to start execution environments.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Starts an environment and waits until its runtime has finished init.
+    async fn start(&self, spec: EnvSpec) -> Result<Box<dyn Sandbox>, StartError>;
+}
+
+/// Where a backend keeps per-environment state.
+pub fn envs_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("envs")
+}

@@ -1,0 +1,150 @@
+//! `kindling serve`: the daemon.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::functions::Registry;
+use crate::pool::Pool;
+use crate::sandbox::process::ProcessBackend;
+use crate::sandbox::{envs_dir, Backend};
+
+/// Which sandbox backend to run functions in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// The best this host supports.
+    Auto,
+    /// Child processes on the host (development and tests; isolates nothing).
+    Process,
+    /// A microVM per environment.
+    Microvm,
+}
+
+/// Settings of a running agent (from the command line).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub backend: BackendKind,
+    pub data_dir: PathBuf,
+    pub python: PathBuf,
+    pub region: String,
+    pub account_id: String,
+    pub max_environments: usize,
+    pub init_timeout: Duration,
+    pub deploy_examples: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the microvm backend is not available yet (the VMM is issue #4, guest-init #5); use --backend process")]
+    MicrovmUnavailable,
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Registry(#[from] crate::functions::RegistryError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Server(std::io::Error),
+}
+
+/// The default data dir: `$XDG_DATA_HOME/kindling` or `~/.local/share/kindling`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("kindling");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/share/kindling")
+}
+
+fn choose_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
+    let data_err = |source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    };
+    match cfg.backend {
+        BackendKind::Microvm => Err(ServeError::MicrovmUnavailable),
+        BackendKind::Auto | BackendKind::Process => {
+            if cfg.backend == BackendKind::Auto {
+                tracing::info!("backend auto: using process (the microvm backend is not built yet)");
+            }
+            tracing::warn!("the process backend isolates nothing: functions run as this user, on this host");
+            let b = ProcessBackend::new(envs_dir(&cfg.data_dir), cfg.python.clone()).map_err(data_err)?;
+            Ok(Arc::new(b))
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves; `on_listen` gets the bound address.
+pub async fn run(
+    cfg: ServeConfig,
+    on_listen: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let registry = Arc::new(Registry::open(&cfg.data_dir, &cfg.region, &cfg.account_id)?);
+    if cfg.deploy_examples {
+        let (r, d) = (registry.clone(), cfg.data_dir.clone());
+        tokio::task::spawn_blocking(move || crate::examples::deploy(&r, &d))
+            .await
+            .map_err(|e| ServeError::Server(std::io::Error::other(e)))?;
+    }
+    let backend = choose_backend(&cfg)?;
+    let pool = Arc::new(Pool::new(
+        backend,
+        cfg.region.clone(),
+        cfg.max_environments,
+        cfg.init_timeout,
+    ));
+    let state = Arc::new(AppState {
+        registry: registry.clone(),
+        pool: pool.clone(),
+    });
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Server)?;
+    tracing::info!(%addr, backend = pool.backend_name(), data_dir = %cfg.data_dir.display(),
+        functions = registry.list().len(), "kindling is serving");
+    on_listen(addr);
+
+    // Graceful shutdown: stop accepting, let running invocations finish for a while, then go.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut graceful = stop_rx.clone();
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|s| *s).await;
+        tracing::info!("shutting down: no new requests, waiting up to 10 s for running ones");
+    });
+    let mut deadline = stop_rx;
+    tokio::select! {
+        r = server => r.map_err(ServeError::Server)?,
+        _ = async {
+            let _ = deadline.wait_for(|s| *s).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        } => tracing::warn!("running invocations did not finish in 10 s; stopping anyway"),
+    }
+    pool.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}

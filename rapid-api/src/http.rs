@@ -1,0 +1,197 @@
+//! The HTTP front of the Runtime API: `/2018-06-01/runtime/...` over a [`RuntimeCore`].
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::core::{ApiError, RuntimeCore};
+use crate::invocation::ErrorReport;
+use crate::{error_type, headers, Invocation, MAX_RESPONSE_BYTES, MAX_XRAY_CAUSE_BYTES};
+
+/// Path prefix of the Runtime API.
+pub const PREFIX: &str = "/2018-06-01";
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = Json(json!({ "errorMessage": self.message, "errorType": self.error_type }));
+        (status, body).into_response()
+    }
+}
+
+/// The Runtime API routes for one environment.
+pub fn router(core: Arc<RuntimeCore>) -> Router {
+    Router::new()
+        .route(
+            &format!("{PREFIX}/runtime/invocation/next"),
+            get(next),
+        )
+        .route(
+            &format!("{PREFIX}/runtime/invocation/{{id}}/response"),
+            post(response),
+        )
+        .route(
+            &format!("{PREFIX}/runtime/invocation/{{id}}/error"),
+            post(error),
+        )
+        .route(&format!("{PREFIX}/runtime/init/error"), post(init_error))
+        .fallback(not_found)
+        // Bodies are read through `read_limited`, which enforces Lambda's own limit.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(core)
+}
+
+/// Serves the Runtime API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    core: Arc<RuntimeCore>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(core))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: 404,
+        error_type: "NotFound",
+        message: "No such Runtime API endpoint".into(),
+    }
+}
+
+async fn next(State(core): State<Arc<RuntimeCore>>) -> Result<Response, ApiError> {
+    let inv = core.next().await?;
+    Ok(next_response(inv))
+}
+
+fn next_response(inv: Invocation) -> Response {
+    let mut res = Response::new(Body::from(inv.payload));
+    let h = res.headers_mut();
+    let mut put = |name: &'static str, value: &str| {
+        // Values come from the platform; one that is not a valid header value is dropped
+        // rather than failing the whole invocation.
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    put(headers::REQUEST_ID, &inv.request_id);
+    put(headers::INVOCATION_ID, &inv.invocation_id);
+    put(headers::DEADLINE_MS, &inv.deadline_ms.to_string());
+    put(headers::INVOKED_FUNCTION_ARN, &inv.function_arn);
+    if let Some(v) = &inv.trace_id {
+        put(headers::TRACE_ID, v);
+    }
+    if let Some(v) = &inv.client_context {
+        put(headers::CLIENT_CONTEXT, v);
+    }
+    if let Some(v) = &inv.cognito_identity {
+        put(headers::COGNITO_IDENTITY, v);
+    }
+    if let Some(v) = &inv.tenant_id {
+        put(headers::TENANT_ID, v);
+    }
+    put("content-type", &inv.content_type);
+    res
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+enum ReadError {
+    TooLarge,
+    Truncated,
+}
+
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ReadError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ReadError::TooLarge),
+        Err(_) => Err(ReadError::Truncated),
+    }
+}
+
+fn truncated() -> ApiError {
+    ApiError::bad_request("TruncatedHTTPRequest", "The request body was cut short")
+}
+
+fn check_response_mode(h: &HeaderMap) -> Result<(), ApiError> {
+    match h.get(headers::RESPONSE_MODE) {
+        None => Ok(()),
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"streaming") => Ok(()),
+        Some(_) => Err(ApiError::bad_request(
+            "InvalidFunctionResponseMode",
+            "Invalid function response mode: the only valid value is 'streaming'",
+        )),
+    }
+}
+
+async fn response(
+    State(core): State<Arc<RuntimeCore>>,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    check_response_mode(&h)?;
+    let invocation_id = header(&h, headers::INVOCATION_ID);
+    let bytes = match read_limited(body, MAX_RESPONSE_BYTES).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge) => {
+            core.respond_too_large(&id, invocation_id)?;
+            return Err(ApiError::too_large());
+        }
+        Err(ReadError::Truncated) => return Err(truncated()),
+    };
+    let content_type = header(&h, "content-type").map(str::to_string);
+    core.respond(&id, invocation_id, bytes, content_type)?;
+    Ok(accepted())
+}
+
+fn accepted() -> impl IntoResponse {
+    (StatusCode::ACCEPTED, Json(json!({ "status": "OK" })))
+}
+
+async fn read_error_report(h: &HeaderMap, body: Body) -> Result<ErrorReport, ApiError> {
+    let error_type = error_type::normalise(header(h, headers::FUNCTION_ERROR_TYPE));
+    let xray_cause = header(h, headers::XRAY_ERROR_CAUSE)
+        .filter(|c| c.len() <= MAX_XRAY_CAUSE_BYTES)
+        .map(str::to_string);
+    let bytes = match read_limited(body, MAX_RESPONSE_BYTES).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge) => return Err(ApiError::too_large()),
+        Err(ReadError::Truncated) => return Err(truncated()),
+    };
+    Ok(ErrorReport::from_runtime(error_type, &bytes, xray_cause))
+}
+
+async fn error(
+    State(core): State<Arc<RuntimeCore>>,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let report = read_error_report(&h, body).await?;
+    core.error(&id, header(&h, headers::INVOCATION_ID), report)?;
+    Ok(accepted())
+}
+
+async fn init_error(
+    State(core): State<Arc<RuntimeCore>>,
+    h: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let report = read_error_report(&h, body).await?;
+    core.init_error(report)?;
+    Ok(accepted())
+}

@@ -1,0 +1,26 @@
+//! The Lambda Runtime API, as a library.
+//!
+//! Two layers:
+//! - [`core`]: a transport-neutral state machine ([`RuntimeCore`]) that a platform hands
+//!   invocations to and that a runtime drives with `next`/`response`/`error`/`init_error`.
+//!   It knows nothing about processes, VMs or sockets.
+//! - [`http`]: an axum front that serves the core on `/2018-06-01/runtime/...`, exact to
+//!   Lambda's wire behaviour, for real runtime clients (`awslambdaric`, `lambda_runtime`).
+//!
+//! The platform side (who creates invocations and consumes outcomes) is the caller of
+//! [`RuntimeCore::invoke`]: the host agent's process backend, or guest-init over vsock.
+
+pub mod core;
+pub mod error_type;
+pub mod headers;
+pub mod http;
+pub mod invocation;
+
+pub use crate::core::{ApiError, CoreError, Lifecycle, RuntimeCore};
+pub use crate::invocation::{ErrorReport, Invocation, InvokeOutcome};
+
+/// Largest response body a runtime may post: 6 MiB plus 100 bytes, as Lambda allows.
+pub const MAX_RESPONSE_BYTES: usize = 6 * 1024 * 1024 + 100;
+
+/// Largest X-Ray error cause header a runtime may send (bytes).
+pub const MAX_XRAY_CAUSE_BYTES: usize = 64 * 1024;
