@@ -18,6 +18,9 @@ pub enum CliError {
     Api { code: String, message: String },
     #[error("{0}")]
     Input(String),
+    /// `kindling serve` failed.
+    #[error("{0}")]
+    Serve(String),
 }
 
 pub struct Client {
@@ -122,7 +125,8 @@ impl Client {
     }
 
     pub async fn get(&self, name: &str) -> Result<Value, CliError> {
-        self.json(self.http.get(self.url(&format!("/{name}")))).await
+        self.json(self.http.get(self.url(&format!("/{name}"))))
+            .await
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), CliError> {
@@ -146,12 +150,17 @@ pub struct CreateArgs {
 
 pub fn create_body(a: CreateArgs) -> Result<Value, CliError> {
     let zip = match (&a.zip, &a.dir) {
-        (Some(z), None) => std::fs::read(z)
-            .map_err(|e| CliError::Input(format!("{}: {e}", z.display())))?,
+        (Some(z), None) => {
+            std::fs::read(z).map_err(|e| CliError::Input(format!("{}: {e}", z.display())))?
+        }
         (None, Some(d)) => {
             zip_dir(d).map_err(|e| CliError::Input(format!("{}: {e}", d.display())))?
         }
-        _ => return Err(CliError::Input("give exactly one of --zip FILE or --dir DIR".into())),
+        _ => {
+            return Err(CliError::Input(
+                "give exactly one of --zip FILE or --dir DIR".into(),
+            ))
+        }
     };
     let mut vars = serde_json::Map::new();
     for kv in &a.env {

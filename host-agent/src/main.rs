@@ -6,12 +6,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use host_agent::cli::{create_body, Client, CliError, CreateArgs};
+use host_agent::cli::{create_body, CliError, Client, CreateArgs};
 use host_agent::serve::{self, BackendKind, ServeConfig};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "kindling", version, about = "A Lambda-compatible serverless runtime for KVM hosts")]
+#[command(
+    name = "kindling",
+    version,
+    about = "A Lambda-compatible serverless runtime for KVM hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,7 +46,12 @@ enum Command {
 #[derive(clap::Args)]
 struct Conn {
     /// The agent's address.
-    #[arg(long, env = "KINDLING_ENDPOINT", default_value = "http://127.0.0.1:9000", global = true)]
+    #[arg(
+        long,
+        env = "KINDLING_ENDPOINT",
+        default_value = "http://127.0.0.1:9000",
+        global = true
+    )]
     endpoint: String,
 }
 
@@ -170,14 +179,26 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
-async fn run_client(cmd: Command) -> Result<ExitCode, CliError> {
+async fn run(cmd: Command) -> Result<ExitCode, CliError> {
     match cmd {
-        Command::Serve(_) => unreachable!("handled in main"),
-        Command::Invoke { name, payload, conn, json } => {
-            let r = Client::new(&conn.endpoint).invoke(&name, payload.into_bytes()).await?;
+        Command::Serve(a) => {
+            init_tracing();
+            run_serve(a).await.map_err(CliError::Serve)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Invoke {
+            name,
+            payload,
+            conn,
+            json,
+        } => {
+            let r = Client::new(&conn.endpoint)
+                .invoke(&name, payload.into_bytes())
+                .await?;
             if json {
-                let payload: Value = serde_json::from_slice(&r.payload)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.payload).into_owned()));
+                let payload: Value = serde_json::from_slice(&r.payload).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&r.payload).into_owned())
+                });
                 let out = json!({
                     "StatusCode": r.status,
                     "FunctionError": r.function_error,
@@ -195,8 +216,27 @@ async fn run_client(cmd: Command) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Function(f) => match f {
-            FunctionCmd::Create { name, runtime, handler, zip, dir, timeout, memory, env, conn } => {
-                let body = create_body(CreateArgs { name, runtime, handler, zip, dir, timeout, memory, env })?;
+            FunctionCmd::Create {
+                name,
+                runtime,
+                handler,
+                zip,
+                dir,
+                timeout,
+                memory,
+                env,
+                conn,
+            } => {
+                let body = create_body(CreateArgs {
+                    name,
+                    runtime,
+                    handler,
+                    zip,
+                    dir,
+                    timeout,
+                    memory,
+                    env,
+                })?;
                 let cfg = Client::new(&conn.endpoint).create(body).await?;
                 println!("{}", serde_json::to_string_pretty(&cfg).unwrap_or_default());
                 Ok(ExitCode::SUCCESS)
@@ -206,7 +246,10 @@ async fn run_client(cmd: Command) -> Result<ExitCode, CliError> {
                 if json {
                     println!("{}", Value::Array(fns));
                 } else {
-                    println!("{:<32} {:<16} {:<28} {:>7} {:>8}", "NAME", "RUNTIME", "HANDLER", "MEMORY", "TIMEOUT");
+                    println!(
+                        "{:<32} {:<16} {:<28} {:>7} {:>8}",
+                        "NAME", "RUNTIME", "HANDLER", "MEMORY", "TIMEOUT"
+                    );
                     for f in fns {
                         println!(
                             "{:<32} {:<16} {:<28} {:>7} {:>8}",
@@ -237,23 +280,11 @@ async fn run_client(cmd: Command) -> Result<ExitCode, CliError> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(a) => {
-            init_tracing();
-            match run_serve(a).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("kindling: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kindling: {e}");
+            ExitCode::FAILURE
         }
-        cmd => match run_client(cmd).await {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("kindling: {e}");
-                ExitCode::FAILURE
-            }
-        },
     }
 }

@@ -77,10 +77,15 @@ fn choose_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
         BackendKind::Microvm => Err(ServeError::MicrovmUnavailable),
         BackendKind::Auto | BackendKind::Process => {
             if cfg.backend == BackendKind::Auto {
-                tracing::info!("backend auto: using process (the microvm backend is not built yet)");
+                tracing::info!(
+                    "backend auto: using process (the microvm backend is not built yet)"
+                );
             }
-            tracing::warn!("the process backend isolates nothing: functions run as this user, on this host");
-            let b = ProcessBackend::new(envs_dir(&cfg.data_dir), cfg.python.clone()).map_err(data_err)?;
+            tracing::warn!(
+                "the process backend isolates nothing: functions run as this user, on this host"
+            );
+            let b = ProcessBackend::new(envs_dir(&cfg.data_dir), cfg.python.clone())
+                .map_err(data_err)?;
             Ok(Arc::new(b))
         }
     }

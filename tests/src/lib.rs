@@ -50,20 +50,11 @@ pub struct Agent {
     log_path: PathBuf,
 }
 
+#[derive(Default)]
 pub struct AgentOptions {
     pub examples: bool,
     pub max_environments: Option<usize>,
     pub data_dir: Option<PathBuf>,
-}
-
-impl Default for AgentOptions {
-    fn default() -> Self {
-        AgentOptions {
-            examples: false,
-            max_environments: None,
-            data_dir: None,
-        }
-    }
 }
 
 impl Agent {
@@ -155,7 +146,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("kindling did not stop within 20 s of SIGINT; log:\n{}", self.log());
+                panic!(
+                    "kindling did not stop within 20 s of SIGINT; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -191,7 +185,10 @@ impl Agent {
     pub fn invoke_with(&self, name: &str, payload: &[u8], headers: &[(&str, &str)]) -> Response {
         let mut req = self
             .http
-            .post(format!("{}/2015-03-31/functions/{name}/invocations", self.url))
+            .post(format!(
+                "{}/2015-03-31/functions/{name}/invocations",
+                self.url
+            ))
             .body(payload.to_vec());
         for (k, v) in headers {
             req = req.header(*k, *v);

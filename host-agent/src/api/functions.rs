@@ -45,8 +45,9 @@ pub async fn create(State(state): State<SharedState>, body: Body) -> Result<Resp
             })
         }
     };
-    let req: CreateFunctionRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| LambdaError::invalid_parameter(format!("Could not parse request body: {e}")))?;
+    let req: CreateFunctionRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        LambdaError::invalid_parameter(format!("Could not parse request body: {e}"))
+    })?;
     let (new, zip) = req
         .validate()
         .map_err(|e| LambdaError::invalid_parameter(e.0))?;
@@ -75,7 +76,9 @@ pub async fn list(
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=10_000).contains(n))
-            .ok_or_else(|| LambdaError::invalid_parameter("MaxItems must be between 1 and 10000"))?,
+            .ok_or_else(|| {
+                LambdaError::invalid_parameter("MaxItems must be between 1 and 10000")
+            })?,
         None => 50,
     };
     let all = state.registry.list();
@@ -109,9 +112,9 @@ pub(super) fn lookup(
         ))
     })?;
     let qualifier = r.qualifier.as_deref().or(query_qualifier);
-    let f = registry
-        .get(&r.name)
-        .ok_or_else(|| LambdaError::not_found(format!("Function not found: {}", registry.arn(&r.name))))?;
+    let f = registry.get(&r.name).ok_or_else(|| {
+        LambdaError::not_found(format!("Function not found: {}", registry.arn(&r.name)))
+    })?;
     match qualifier {
         None | Some("$LATEST") => Ok(f),
         Some(q) => Err(LambdaError::not_found(format!(
@@ -126,7 +129,11 @@ pub async fn get(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, LambdaError> {
-    let f = lookup(&state.registry, &name, q.get("Qualifier").map(String::as_str))?;
+    let f = lookup(
+        &state.registry,
+        &name,
+        q.get("Qualifier").map(String::as_str),
+    )?;
     let zip = f.code_dir.with_file_name("code.zip");
     Ok(Json(json!({
         "Configuration": f.config,
@@ -140,7 +147,11 @@ pub async fn get_configuration(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, LambdaError> {
-    let f = lookup(&state.registry, &name, q.get("Qualifier").map(String::as_str))?;
+    let f = lookup(
+        &state.registry,
+        &name,
+        q.get("Qualifier").map(String::as_str),
+    )?;
     Ok(Json(&f.config).into_response())
 }
 
@@ -149,7 +160,11 @@ pub async fn delete(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, LambdaError> {
-    let f = lookup(&state.registry, &name, q.get("Qualifier").map(String::as_str))?;
+    let f = lookup(
+        &state.registry,
+        &name,
+        q.get("Qualifier").map(String::as_str),
+    )?;
     let registry = state.registry.clone();
     let fname = f.config.function_name.clone();
     tokio::task::spawn_blocking(move || registry.delete(&fname))

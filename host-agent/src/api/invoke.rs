@@ -51,7 +51,11 @@ async fn handle(
     body: Body,
     request_id: &str,
 ) -> Result<Response, LambdaError> {
-    let function = lookup(&state.registry, name, q.get("Qualifier").map(String::as_str))?;
+    let function = lookup(
+        &state.registry,
+        name,
+        q.get("Qualifier").map(String::as_str),
+    )?;
     let invocation_type = header(headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     match invocation_type {
         "RequestResponse" | "DryRun" => {}
@@ -118,7 +122,10 @@ fn outcome_response(outcome: InvokeOutcome) -> Response {
     let mut res = (StatusCode::OK, body).into_response();
     let h = res.headers_mut();
     h.insert("content-type", HeaderValue::from_static("application/json"));
-    h.insert("x-amz-executed-version", HeaderValue::from_static("$LATEST"));
+    h.insert(
+        "x-amz-executed-version",
+        HeaderValue::from_static("$LATEST"),
+    );
     if let Some(fe) = function_error {
         h.insert("x-amz-function-error", HeaderValue::from_static(fe));
     }
@@ -133,7 +140,11 @@ fn decode_client_context(b64: &str) -> Result<String, LambdaError> {
     }
     let raw = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
-        .map_err(|_| LambdaError::invalid_content("Client context must be a valid Base64-encoded JSON object."))?;
+        .map_err(|_| {
+            LambdaError::invalid_content(
+                "Client context must be a valid Base64-encoded JSON object.",
+            )
+        })?;
     match serde_json::from_slice::<serde_json::Value>(&raw) {
         Ok(serde_json::Value::Object(_)) => {}
         _ => {
@@ -174,5 +185,9 @@ async fn read_payload(body: Body) -> Result<Bytes, LambdaError> {
 fn new_trace_id() -> String {
     let secs = chrono::Utc::now().timestamp();
     let rand = uuid::Uuid::new_v4().simple().to_string();
-    format!("Root=1-{secs:08x}-{};Parent={};Sampled=0", &rand[..24], &rand[16..32])
+    format!(
+        "Root=1-{secs:08x}-{};Parent={};Sampled=0",
+        &rand[..24],
+        &rand[16..32]
+    )
 }

@@ -16,7 +16,9 @@ const MAX_ENTRIES: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error("Could not unzip uploaded file. Please check your file, then try to upload again. ({0})")]
+    #[error(
+        "Could not unzip uploaded file. Please check your file, then try to upload again. ({0})"
+    )]
     Invalid(String),
     #[error("Unzipped size must be smaller than {MAX_UNZIPPED_BYTES} bytes")]
     TooLarge,
@@ -177,10 +179,16 @@ mod tests {
     #[test]
     fn extracts_files_with_modes() {
         let dir = tempfile::tempdir().unwrap();
-        let zip = make_zip(&[("bootstrap", b"#!/bin/sh\n", 0o755), ("lib/a.txt", b"hi", 0o644)]);
+        let zip = make_zip(&[
+            ("bootstrap", b"#!/bin/sh\n", 0o755),
+            ("lib/a.txt", b"hi", 0o644),
+        ]);
         let n = extract_zip(&zip, dir.path()).unwrap();
         assert_eq!(n, 12);
-        let mode = fs::metadata(dir.path().join("bootstrap")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join("bootstrap"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
         assert_eq!(fs::read(dir.path().join("lib/a.txt")).unwrap(), b"hi");
     }
@@ -189,7 +197,10 @@ mod tests {
     fn refuses_path_traversal_and_garbage() {
         let dir = tempfile::tempdir().unwrap();
         let zip = make_zip(&[("../evil", b"x", 0o644)]);
-        assert!(matches!(extract_zip(&zip, dir.path()), Err(ArchiveError::Invalid(_))));
+        assert!(matches!(
+            extract_zip(&zip, dir.path()),
+            Err(ArchiveError::Invalid(_))
+        ));
         assert!(matches!(
             extract_zip(b"definitely not a zip", dir.path()),
             Err(ArchiveError::Invalid(_))
@@ -199,7 +210,13 @@ mod tests {
     #[test]
     fn symlinks_must_stay_inside() {
         assert!(link_stays_inside(Path::new("a/link"), Path::new("../b")));
-        assert!(!link_stays_inside(Path::new("a/link"), Path::new("../../etc")));
-        assert!(!link_stays_inside(Path::new("link"), Path::new("/etc/passwd")));
+        assert!(!link_stays_inside(
+            Path::new("a/link"),
+            Path::new("../../etc")
+        ));
+        assert!(!link_stays_inside(
+            Path::new("link"),
+            Path::new("/etc/passwd")
+        ));
     }
 }

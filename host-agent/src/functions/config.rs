@@ -353,14 +353,38 @@ mod tests {
         assert_eq!(zip.len(), 22);
 
         let cases = [
-            (serde_json::json!({"FunctionName": "f", "Runtime": "nodejs20.x", "Handler": "a.b", "Code": {"ZipFile": ""}}), "not supported"),
-            (serde_json::json!({"FunctionName": "f", "Runtime": "python3.11", "Handler": "nodot", "Code": {"ZipFile": ""}}), "module.function"),
-            (serde_json::json!({"FunctionName": "f g", "Runtime": "python3.11", "Handler": "a.b", "Code": {"ZipFile": ""}}), "regular expression"),
-            (serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Timeout": 901, "Code": {"ZipFile": ""}}), "Timeout"),
-            (serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "MemorySize": 64, "Code": {"ZipFile": ""}}), "MemorySize"),
-            (serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Environment": {"Variables": {"AWS_REGION": "x"}}, "Code": {"ZipFile": ""}}), "AWS_REGION"),
-            (serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Code": {"ZipFile": "@@@"}}), "base64"),
-            (serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023"}), "Code is required"),
+            (
+                serde_json::json!({"FunctionName": "f", "Runtime": "nodejs20.x", "Handler": "a.b", "Code": {"ZipFile": ""}}),
+                "not supported",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "Runtime": "python3.11", "Handler": "nodot", "Code": {"ZipFile": ""}}),
+                "module.function",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f g", "Runtime": "python3.11", "Handler": "a.b", "Code": {"ZipFile": ""}}),
+                "regular expression",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Timeout": 901, "Code": {"ZipFile": ""}}),
+                "Timeout",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "MemorySize": 64, "Code": {"ZipFile": ""}}),
+                "MemorySize",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Environment": {"Variables": {"AWS_REGION": "x"}}, "Code": {"ZipFile": ""}}),
+                "AWS_REGION",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Code": {"ZipFile": "@@@"}}),
+                "base64",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023"}),
+                "Code is required",
+            ),
         ];
         for (json, needle) in cases {
             let err = req(json.clone()).validate().unwrap_err().to_string();

@@ -119,9 +119,7 @@ impl Registry {
         if self.read().contains_key(&new.name) {
             return Err(RegistryError::Exists(new.name));
         }
-        let staging = self
-            .root
-            .join(format!(".staging-{}", uuid::Uuid::new_v4()));
+        let staging = self.root.join(format!(".staging-{}", uuid::Uuid::new_v4()));
         let result = self.build(&staging, new, zip);
         let config = match result {
             Ok(c) => c,
@@ -267,7 +265,13 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["f1".to_string()]);
         assert_eq!(
-            reg2.get("f1").unwrap().config.environment.as_ref().unwrap().variables["GREETING"],
+            reg2.get("f1")
+                .unwrap()
+                .config
+                .environment
+                .as_ref()
+                .unwrap()
+                .variables["GREETING"],
             "hi"
         );
         assert!(!dir.path().join("functions/.staging-x").exists());
@@ -284,8 +288,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::open(dir.path(), "us-east-1", "000000000000").unwrap();
         let (n, _) = new_fn("f2");
-        assert!(matches!(reg.create(n, b"not a zip"), Err(RegistryError::Archive(_))));
-        assert_eq!(fs::read_dir(dir.path().join("functions")).unwrap().count(), 0);
+        assert!(matches!(
+            reg.create(n, b"not a zip"),
+            Err(RegistryError::Archive(_))
+        ));
+        assert_eq!(
+            fs::read_dir(dir.path().join("functions")).unwrap().count(),
+            0
+        );
         assert!(reg.get("f2").is_none());
     }
 }

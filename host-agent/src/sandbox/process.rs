@@ -74,9 +74,8 @@ impl ProcessBackend {
     }
 
     fn runtime_command(&self, f: &Function, task_root: &Path) -> Result<Command, StartError> {
-        let runtime = Runtime::parse(&f.config.runtime).ok_or_else(|| {
-            StartError::Host(format!("unsupported runtime {}", f.config.runtime))
-        })?;
+        let runtime = Runtime::parse(&f.config.runtime)
+            .ok_or_else(|| StartError::Host(format!("unsupported runtime {}", f.config.runtime)))?;
         match runtime {
             Runtime::Provided => {
                 let bootstrap = task_root.join("bootstrap");
@@ -157,7 +156,10 @@ impl Backend for ProcessBackend {
         let now = chrono::Utc::now();
         cmd.current_dir(&task_root)
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
             .env("LANG", "en_US.UTF-8")
             .env("TZ", ":UTC")
             .env("HOME", &tmp)
@@ -169,9 +171,15 @@ impl Backend for ProcessBackend {
             .env("AWS_REGION", &spec.region)
             .env("AWS_DEFAULT_REGION", &spec.region)
             .env("AWS_LAMBDA_FUNCTION_NAME", &cfg.function_name)
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", cfg.memory_size.to_string())
+            .env(
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+                cfg.memory_size.to_string(),
+            )
             .env("AWS_LAMBDA_FUNCTION_VERSION", &cfg.version)
-            .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{}", cfg.function_name))
+            .env(
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                format!("/aws/lambda/{}", cfg.function_name),
+            )
             .env(
                 "AWS_LAMBDA_LOG_STREAM_NAME",
                 format!("{}/[{}]{id}", now.format("%Y/%m/%d"), cfg.version),
@@ -285,7 +293,11 @@ async fn pump_logs(stream: impl AsyncRead + Unpin, function: String, env: String
     let mut line = Vec::new();
     loop {
         line.clear();
-        match (&mut reader).take(MAX_LOG_LINE).read_until(b'\n', &mut line).await {
+        match (&mut reader)
+            .take(MAX_LOG_LINE)
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(0) | Err(_) => break,
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);
@@ -315,7 +327,9 @@ fn link_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
 }
 
 fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub struct ProcessSandbox {
