@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rapid_api::InvokeOutcome;
+use rapid_api::{ErrorReport, InvokeOutcome};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::functions::Function;
@@ -73,12 +73,13 @@ impl Pool {
     ) -> Result<InvokeOutcome, PoolError> {
         let name = function.config.function_name.clone();
         let revision = function.config.revision_id.clone();
-        let mut slot = match self.take_idle(&name, &revision) {
-            Some(slot) => slot,
-            None => self.start(function).await?,
+        let timeout = Duration::from_secs(u64::from(function.config.timeout));
+        let (mut slot, deadline) = match self.take_idle(&name, &revision) {
+            Some(slot) => (slot, Instant::now() + timeout),
+            None => self.start(function, &req.request_id).await?,
         };
         tracing::debug!(function = %name, env = %slot.sandbox.id(), request_id = %req.request_id, "invoking");
-        let outcome = slot.sandbox.invoke(req).await;
+        let outcome = slot.sandbox.invoke(req, deadline).await;
         if slot.sandbox.is_reusable() {
             self.idle().entry(name).or_default().push(slot);
         } else {
@@ -99,7 +100,14 @@ impl Pool {
         None
     }
 
-    async fn start(&self, function: Arc<Function>) -> Result<Slot, PoolError> {
+    /// Starts an environment; returns it with the deadline of the invocation it was started
+    /// for. As in Lambda, an init that overruns the init limit is tried once more with the
+    /// function timeout as its limit, and that retry counts against the invocation's time.
+    async fn start(
+        &self,
+        function: Arc<Function>,
+        request_id: &str,
+    ) -> Result<(Slot, Instant), PoolError> {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -111,17 +119,42 @@ impl Pool {
             }
         };
         let revision = function.config.revision_id.clone();
-        let spec = EnvSpec {
+        let timeout = Duration::from_secs(u64::from(function.config.timeout));
+        let mut spec = EnvSpec {
             function,
             region: self.region.clone(),
             init_timeout: self.init_timeout,
         };
-        let sandbox = self.backend.start(spec).await?;
-        Ok(Slot {
+        let (sandbox, deadline) = match self.backend.start(spec.clone()).await {
+            Ok(s) => (s, Instant::now() + timeout),
+            Err(StartError::InitTimeout(limit)) => {
+                tracing::warn!(function = %spec.function.config.function_name, request_id,
+                    "init did not finish in {limit:?}; retrying it under the function timeout");
+                let deadline = Instant::now() + timeout;
+                spec.init_timeout = timeout;
+                match self.backend.start(spec).await {
+                    Ok(s) => (s, deadline),
+                    Err(StartError::InitTimeout(_)) => {
+                        return Err(StartError::Function(ErrorReport::platform(
+                            "Sandbox.Timedout",
+                            format!(
+                                "RequestId: {request_id} Error: Task timed out after {:.2} seconds",
+                                timeout.as_secs_f64()
+                            ),
+                        ))
+                        .into())
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let slot = Slot {
             sandbox,
             revision,
             _permit: permit,
-        })
+        };
+        Ok((slot, deadline))
     }
 
     /// Stops the least recently used idle environment of any function, if there is one.

@@ -21,7 +21,7 @@ pub enum BackendKind {
     Auto,
     /// Child processes on the host (development and tests; isolates nothing).
     Process,
-    /// A microVM per environment.
+    /// A microVM per environment (not available yet).
     Microvm,
 }
 

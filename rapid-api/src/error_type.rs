@@ -35,7 +35,10 @@ mod tests {
 
     #[test]
     fn valid_types_pass_through() {
-        assert_eq!(normalise(Some("Runtime.ImportModuleError")), "Runtime.ImportModuleError");
+        assert_eq!(
+            normalise(Some("Runtime.ImportModuleError")),
+            "Runtime.ImportModuleError"
+        );
         assert_eq!(normalise(Some("Function.MyError")), "Function.MyError");
     }
 

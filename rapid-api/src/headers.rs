@@ -9,6 +9,8 @@ pub const COGNITO_IDENTITY: &str = "lambda-runtime-cognito-identity";
 pub const TENANT_ID: &str = "lambda-runtime-aws-tenant-id";
 pub const INVOCATION_ID: &str = "lambda-runtime-invocation-id";
 pub const FUNCTION_ERROR_TYPE: &str = "lambda-runtime-function-error-type";
+/// Trailer of a streamed response: base64 of the error document.
+pub const FUNCTION_ERROR_BODY: &str = "lambda-runtime-function-error-body";
 pub const XRAY_ERROR_CAUSE: &str = "lambda-runtime-function-xray-error-cause";
 pub const RESPONSE_MODE: &str = "lambda-runtime-function-response-mode";
 

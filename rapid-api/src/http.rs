@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
@@ -32,10 +33,7 @@ impl IntoResponse for ApiError {
 /// The Runtime API routes for one environment.
 pub fn router(core: Arc<RuntimeCore>) -> Router {
     Router::new()
-        .route(
-            &format!("{PREFIX}/runtime/invocation/next"),
-            get(next),
-        )
+        .route(&format!("{PREFIX}/runtime/invocation/next"), get(next))
         .route(
             &format!("{PREFIX}/runtime/invocation/{{id}}/response"),
             post(response),
@@ -114,12 +112,42 @@ enum ReadError {
     Truncated,
 }
 
-async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ReadError> {
+/// A request body read whole, with its trailers (streamed responses report errors there).
+struct ReadBody {
+    bytes: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+async fn read_limited(body: Body, limit: usize) -> Result<ReadBody, ReadError> {
     match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            Ok(ReadBody {
+                bytes: collected.to_bytes(),
+                trailers,
+            })
+        }
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ReadError::TooLarge),
         Err(_) => Err(ReadError::Truncated),
     }
+}
+
+/// The error a streamed response reported in its trailers, if any.
+fn trailer_error(trailers: Option<&HeaderMap>) -> Option<ErrorReport> {
+    let t = trailers?;
+    let error_type = header(t, headers::FUNCTION_ERROR_TYPE)?;
+    let body = header(t, headers::FUNCTION_ERROR_BODY)
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .unwrap_or_default();
+    Some(ErrorReport::from_runtime(
+        error_type::normalise(Some(error_type)),
+        &body,
+        None,
+    ))
 }
 
 fn truncated() -> ApiError {
@@ -145,16 +173,28 @@ async fn response(
 ) -> Result<impl IntoResponse, ApiError> {
     check_response_mode(&h)?;
     let invocation_id = header(&h, headers::INVOCATION_ID);
-    let bytes = match read_limited(body, MAX_RESPONSE_BYTES).await {
+    let read = match read_limited(body, MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
         Err(ReadError::TooLarge) => {
             core.respond_too_large(&id, invocation_id)?;
             return Err(ApiError::too_large());
         }
-        Err(ReadError::Truncated) => return Err(truncated()),
+        Err(ReadError::Truncated) => {
+            // The caller learns at once rather than waiting for the timeout.
+            let report = ErrorReport::platform(
+                "Runtime.TruncatedResponse",
+                "The runtime's response was cut short",
+            );
+            core.error(&id, invocation_id, report)?;
+            return Err(truncated());
+        }
     };
+    if let Some(report) = trailer_error(read.trailers.as_ref()) {
+        core.error(&id, invocation_id, report)?;
+        return Ok(accepted());
+    }
     let content_type = header(&h, "content-type").map(str::to_string);
-    core.respond(&id, invocation_id, bytes, content_type)?;
+    core.respond(&id, invocation_id, read.bytes, content_type)?;
     Ok(accepted())
 }
 
@@ -167,12 +207,16 @@ async fn read_error_report(h: &HeaderMap, body: Body) -> Result<ErrorReport, Api
     let xray_cause = header(h, headers::XRAY_ERROR_CAUSE)
         .filter(|c| c.len() <= MAX_XRAY_CAUSE_BYTES)
         .map(str::to_string);
-    let bytes = match read_limited(body, MAX_RESPONSE_BYTES).await {
+    let read = match read_limited(body, MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
         Err(ReadError::TooLarge) => return Err(ApiError::too_large()),
         Err(ReadError::Truncated) => return Err(truncated()),
     };
-    Ok(ErrorReport::from_runtime(error_type, &bytes, xray_cause))
+    Ok(ErrorReport::from_runtime(
+        error_type,
+        &read.bytes,
+        xray_cause,
+    ))
 }
 
 async fn error(

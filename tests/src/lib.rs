@@ -54,6 +54,8 @@ pub struct Agent {
 pub struct AgentOptions {
     pub examples: bool,
     pub max_environments: Option<usize>,
+    /// `--init-timeout` in seconds.
+    pub init_timeout: Option<u64>,
     pub data_dir: Option<PathBuf>,
 }
 
@@ -86,6 +88,9 @@ impl Agent {
             .stderr(log);
         if !opts.examples {
             cmd.arg("--no-examples");
+        }
+        if let Some(n) = opts.init_timeout {
+            cmd.args(["--init-timeout", &n.to_string()]);
         }
         if let Some(n) = opts.max_environments {
             cmd.args(["--max-environments", &n.to_string()]);

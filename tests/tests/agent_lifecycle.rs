@@ -62,7 +62,10 @@ fn functions_persist_across_restarts() {
     let agent = Agent::start_with(opts());
     let cfg = agent.get("/2015-03-31/functions/keeper").json();
     assert_eq!(cfg["Configuration"]["MemorySize"], 256);
-    assert_eq!(agent.invoke("keeper", b"{}").json(), json!({"greeting": "hej"}));
+    assert_eq!(
+        agent.invoke("keeper", b"{}").json(),
+        json!({"greeting": "hej"})
+    );
 }
 
 fn alive(pid: i64) -> bool {
@@ -80,7 +83,9 @@ fn sigint_stops_cleanly_and_kills_runtimes() {
     let mut agent = Agent::start();
     let zip = shell_bootstrap(r#"respond "{\"pid\":$$}""#);
     agent.create_ok("pidder", "provided.al2023", "bootstrap", &zip, json!({}));
-    let pid = agent.invoke("pidder", b"{}").json()["pid"].as_i64().unwrap();
+    let pid = agent.invoke("pidder", b"{}").json()["pid"]
+        .as_i64()
+        .unwrap();
     assert!(alive(pid), "warm runtime should be running");
     let status = agent.stop();
     assert!(status.success(), "exit status {status}");
@@ -117,11 +122,23 @@ fn cli_create_list_invoke_delete() {
     };
     let dir_s = dir.path().to_str().unwrap();
     let (code, out, err) = kindling(&[
-        "function", "create", "doubler", "--runtime", "python3.11", "--handler", "app.handler",
-        "--dir", dir_s, "--env", "AB=c",
+        "function",
+        "create",
+        "doubler",
+        "--runtime",
+        "python3.11",
+        "--handler",
+        "app.handler",
+        "--dir",
+        dir_s,
+        "--env",
+        "AB=c",
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["FunctionName"], "doubler");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["FunctionName"],
+        "doubler"
+    );
 
     let (code, out, _) = kindling(&["function", "list", "--json"]);
     assert_eq!(code, Some(0));
@@ -130,7 +147,10 @@ fn cli_create_list_invoke_delete() {
 
     let (code, out, err) = kindling(&["invoke", "doubler", "--payload", r#"{"n":21}"#]);
     assert_eq!(code, Some(0), "{err}\n{}", agent.log());
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"doubled": 42}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({"doubled": 42})
+    );
 
     // A function error: printed, and a non-zero exit.
     let (code, out, err) = kindling(&["invoke", "doubler", "--payload", r#"{}"#]);
@@ -139,7 +159,10 @@ fn cli_create_list_invoke_delete() {
     assert!(err.contains("Unhandled"), "{err}");
     let (code, out, _) = kindling(&["invoke", "doubler", "--payload", r#"{}"#, "--json"]);
     assert_eq!(code, Some(0));
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["FunctionError"], "Unhandled");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["FunctionError"],
+        "Unhandled"
+    );
 
     let (code, _, _) = kindling(&["function", "delete", "doubler"]);
     assert_eq!(code, Some(0));

@@ -33,11 +33,17 @@ fn invoke_round_trip_and_request_id() {
     // Full and partial ARNs name the same function; other qualifiers do not exist.
     let arn = "arn:aws:lambda:us-east-1:000000000000:function:echo-sh";
     assert_eq!(agent.invoke(arn, b"{}").status, 200);
-    assert_eq!(agent.invoke("000000000000:function:echo-sh", b"{}").status, 200);
+    assert_eq!(
+        agent.invoke("000000000000:function:echo-sh", b"{}").status,
+        200
+    );
     assert_eq!(agent.invoke("echo-sh:$LATEST", b"{}").status, 200);
     let r = agent.invoke("echo-sh:7", b"{}");
     assert_eq!(r.status, 404);
-    assert_eq!(r.header("x-amzn-errortype"), Some("ResourceNotFoundException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("ResourceNotFoundException")
+    );
 }
 
 #[test]
@@ -49,12 +55,17 @@ fn client_context_reaches_the_runtime_decoded() {
     assert_eq!(r.status, 200, "{}", r.text());
     // The bootstrap re-encodes what it saw in Lambda-Runtime-Client-Context.
     let seen = r.json()["cc"].as_str().unwrap().to_string();
-    let seen = base64::engine::general_purpose::STANDARD.decode(seen).unwrap();
+    let seen = base64::engine::general_purpose::STANDARD
+        .decode(seen)
+        .unwrap();
     assert_eq!(String::from_utf8(seen).unwrap(), cc);
 
     let r = agent.invoke_with("echo-sh", b"{}", &[("X-Amz-Client-Context", "!!notbase64")]);
     assert_eq!(r.status, 400);
-    assert_eq!(r.header("x-amzn-errortype"), Some("InvalidRequestContentException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("InvalidRequestContentException")
+    );
     let too_big = "A".repeat(3584);
     let r = agent.invoke_with("echo-sh", b"{}", &[("X-Amz-Client-Context", &too_big)]);
     assert_eq!(r.status, 400);
@@ -66,13 +77,22 @@ fn invoke_errors_follow_the_invoke_api_table() {
 
     let r = agent.invoke("missing", b"{}");
     assert_eq!(r.status, 404);
-    assert_eq!(r.header("x-amzn-errortype"), Some("ResourceNotFoundException"));
-    assert!(r.json()["message"].as_str().unwrap().contains("function:missing"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("ResourceNotFoundException")
+    );
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("function:missing"));
 
     let big = vec![b' '; 6 * 1024 * 1024 + 1];
     let r = agent.invoke("echo-sh", &big);
     assert_eq!(r.status, 413);
-    assert_eq!(r.header("x-amzn-errortype"), Some("RequestTooLargeException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("RequestTooLargeException")
+    );
     // Exactly 6 MB (whitespace around a JSON value) is still accepted.
     let mut max = vec![b' '; 6 * 1024 * 1024 - 2];
     max.extend_from_slice(b"{}");
@@ -81,11 +101,17 @@ fn invoke_errors_follow_the_invoke_api_table() {
 
     let r = agent.invoke("echo-sh", b"{not json");
     assert_eq!(r.status, 400);
-    assert_eq!(r.header("x-amzn-errortype"), Some("InvalidRequestContentException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("InvalidRequestContentException")
+    );
 
     let r = agent.invoke_with("echo-sh", b"{}", &[("X-Amz-Invocation-Type", "Sometimes")]);
     assert_eq!(r.status, 400);
-    assert_eq!(r.header("x-amzn-errortype"), Some("InvalidParameterValueException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("InvalidParameterValueException")
+    );
 
     let r = agent.invoke_with("echo-sh", b"{}", &[("X-Amz-Invocation-Type", "DryRun")]);
     assert_eq!(r.status, 204);
@@ -98,5 +124,8 @@ fn invoke_errors_follow_the_invoke_api_table() {
 
     let r = agent.get("/2015-03-31/no-such-api");
     assert_eq!(r.status, 404);
-    assert_eq!(r.header("x-amzn-errortype"), Some("UnknownOperationException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("UnknownOperationException")
+    );
 }

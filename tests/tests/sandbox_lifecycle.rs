@@ -8,7 +8,12 @@ use serde_json::{json, Value};
 
 fn expect_function_error(r: &kindling_tests::Response, error_type: &str) -> Value {
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.header("x-amz-function-error"), Some("Unhandled"), "{}", r.text());
+    assert_eq!(
+        r.header("x-amz-function-error"),
+        Some("Unhandled"),
+        "{}",
+        r.text()
+    );
     let body = r.json();
     assert_eq!(body["errorType"], error_type, "{body}");
     body
@@ -26,7 +31,10 @@ fn warm_environment_is_reused() {
     let a = agent.invoke("counter", b"{}").json();
     let b = agent.invoke("counter", b"{}").json();
     assert_eq!(a["n"], 1);
-    assert_eq!(b["n"], 2, "second invoke should land in the same warm environment");
+    assert_eq!(
+        b["n"], 2,
+        "second invoke should land in the same warm environment"
+    );
     assert_eq!(a["pid"], b["pid"]);
 }
 
@@ -41,7 +49,10 @@ fn function_error_from_runtime() {
     let body = expect_function_error(&agent.invoke("fails", b"{}"), "MyError");
     assert_eq!(body["errorMessage"], "it broke");
     assert_eq!(body["stackTrace"], json!(["a"]));
-    assert!(body.get("errorCause").is_none(), "errorCause is dropped: {body}");
+    assert!(
+        body.get("errorCause").is_none(),
+        "errorCause is dropped: {body}"
+    );
 }
 
 #[test]
@@ -72,7 +83,13 @@ fn timeout_kills_the_runtime_and_recovers() {
         r#"case "$EVENT" in *slow*) echo $$ > "$TMPDIR/../slow.pid"; sleep 30;; esac
   respond '{"ok":true}'"#,
     );
-    agent.create_ok("slow", "provided.al2023", "bootstrap", &zip, json!({"Timeout": 1}));
+    agent.create_ok(
+        "slow",
+        "provided.al2023",
+        "bootstrap",
+        &zip,
+        json!({"Timeout": 1}),
+    );
     let r = agent.invoke("slow", br#"{"slow":1}"#);
     let body = expect_function_error(&r, "Sandbox.Timedout");
     assert!(
@@ -103,16 +120,40 @@ fn init_failures_reach_the_caller() {
     let z = zip(&[("bootstrap", b"#!/bin/sh\nexit 7\n", 0o755)]);
     agent.create_ok("exits", "provided.al2023", "bootstrap", &z, json!({}));
     let body = expect_function_error(&agent.invoke("exits", b"{}"), "Runtime.ExitError");
-    assert!(body["errorMessage"].as_str().unwrap().contains("exit status 7"), "{body}");
+    assert!(
+        body["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("exit status 7"),
+        "{body}"
+    );
 
     // No bootstrap at all, and one that is not executable.
     let z = zip(&[("main.sh", b"#!/bin/sh\n", 0o755)]);
-    agent.create_ok("no-bootstrap", "provided.al2023", "bootstrap", &z, json!({}));
-    expect_function_error(&agent.invoke("no-bootstrap", b"{}"), "Runtime.InvalidEntrypoint");
+    agent.create_ok(
+        "no-bootstrap",
+        "provided.al2023",
+        "bootstrap",
+        &z,
+        json!({}),
+    );
+    expect_function_error(
+        &agent.invoke("no-bootstrap", b"{}"),
+        "Runtime.InvalidEntrypoint",
+    );
     let z = zip(&[("bootstrap", b"#!/bin/sh\n", 0o644)]);
     agent.create_ok("not-exec", "provided.al2023", "bootstrap", &z, json!({}));
-    let body = expect_function_error(&agent.invoke("not-exec", b"{}"), "Runtime.InvalidEntrypoint");
-    assert!(body["errorMessage"].as_str().unwrap().contains("ermission denied"), "{body}");
+    let body = expect_function_error(
+        &agent.invoke("not-exec", b"{}"),
+        "Runtime.InvalidEntrypoint",
+    );
+    assert!(
+        body["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("ermission denied"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -125,7 +166,10 @@ fn oversized_response_is_a_function_error() {
     );
     agent.create_ok("big", "provided.al2023", "bootstrap", &zip, json!({}));
     let body = expect_function_error(&agent.invoke("big", b"{}"), "Function.ResponseSizeTooLarge");
-    assert!(body["errorMessage"].as_str().unwrap().contains("6291556"), "{body}");
+    assert!(
+        body["errorMessage"].as_str().unwrap().contains("6291556"),
+        "{body}"
+    );
     // The caller's answer can come back before the runtime has logged its own.
     let saw_413 = (0..100).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -154,8 +198,16 @@ fn concurrent_invokes_get_separate_environments() {
     });
     let pids: HashSet<_> = answers.iter().map(|a| a["pid"].to_string()).collect();
     let dirs: HashSet<_> = answers.iter().map(|a| a["dir"].to_string()).collect();
-    assert_eq!(pids.len(), 4, "one environment per concurrent invoke: {answers:?}");
-    assert_eq!(dirs.len(), 4, "each environment has its own working directory: {answers:?}");
+    assert_eq!(
+        pids.len(),
+        4,
+        "one environment per concurrent invoke: {answers:?}"
+    );
+    assert_eq!(
+        dirs.len(),
+        4,
+        "each environment has its own working directory: {answers:?}"
+    );
 }
 
 #[test]
@@ -174,5 +226,54 @@ fn environment_cap_throttles() {
     });
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(b.status, 429, "{}", b.text());
-    assert_eq!(b.header("x-amzn-errortype"), Some("TooManyRequestsException"));
+    assert_eq!(
+        b.header("x-amzn-errortype"),
+        Some("TooManyRequestsException")
+    );
+}
+
+#[test]
+fn slow_init_is_retried_under_the_function_timeout() {
+    let agent = Agent::start_with(AgentOptions {
+        init_timeout: Some(1),
+        ..Default::default()
+    });
+    // Takes 2 s to initialise: over the 1 s init limit, within the 5 s function timeout.
+    let slow = b"#!/bin/sh\nsleep 2\nexec \"$LAMBDA_TASK_ROOT/loop\"\n";
+    let body = shell_bootstrap(r#"respond '{"ok":true}'"#);
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(body)).unwrap();
+    let mut looped = Vec::new();
+    std::io::Read::read_to_end(&mut archive.by_name("bootstrap").unwrap(), &mut looped).unwrap();
+    let z = zip(&[("bootstrap", slow, 0o755), ("loop", &looped, 0o755)]);
+    agent.create_ok(
+        "slow-init",
+        "provided.al2023",
+        "bootstrap",
+        &z,
+        json!({"Timeout": 5}),
+    );
+    let r = agent.invoke("slow-init", b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"ok": true}), "{}", agent.log());
+    assert!(agent
+        .log()
+        .contains("retrying it under the function timeout"));
+
+    // Never initialises: the retry times out as the invocation.
+    let z = zip(&[("bootstrap", b"#!/bin/sh\nsleep 60\n", 0o755)]);
+    agent.create_ok(
+        "stuck-init",
+        "provided.al2023",
+        "bootstrap",
+        &z,
+        json!({"Timeout": 2}),
+    );
+    let body = expect_function_error(&agent.invoke("stuck-init", b"{}"), "Sandbox.Timedout");
+    assert!(
+        body["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("2.00 seconds"),
+        "{body}"
+    );
 }

@@ -106,6 +106,9 @@ async fn handle(
             return Err(LambdaError::throttled("Rate Exceeded."));
         }
         Err(PoolError::Start(StartError::Function(report))) => InvokeOutcome::Error(report),
+        Err(PoolError::Start(e @ StartError::InitTimeout(_))) => {
+            return Err(LambdaError::service(e.to_string()));
+        }
         Err(PoolError::Start(StartError::Host(msg))) => {
             tracing::error!(error = %msg, "cannot start an execution environment");
             return Err(LambdaError::service(msg));

@@ -7,7 +7,7 @@ pub mod process;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -41,6 +41,9 @@ pub enum StartError {
     /// gets this as a function error, as Lambda does.
     #[error("function init failed: {}", .0.error_type)]
     Function(ErrorReport),
+    /// Init did not finish within `EnvSpec::init_timeout` (the environment is gone).
+    #[error("init did not finish within {0:?}")]
+    InitTimeout(Duration),
     /// The host's fault (cannot spawn, bind, ...): a service error.
     #[error("could not start an execution environment: {0}")]
     Host(String),
@@ -54,7 +57,8 @@ pub trait Sandbox: Send + Sync {
 
     /// Runs one invocation to its end: a response, a function error, or a platform error
     /// (crash, timeout) reported as a function error.
-    async fn invoke(&mut self, req: InvokeRequest) -> InvokeOutcome;
+    /// `deadline` is when it times out: the function timeout, counted from when it started.
+    async fn invoke(&mut self, req: InvokeRequest, deadline: Instant) -> InvokeOutcome;
 
     /// Whether the environment can take another invocation.
     fn is_reusable(&self) -> bool;

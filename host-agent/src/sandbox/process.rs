@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use rapid_api::{CoreError, ErrorReport, Invocation, InvokeOutcome, RuntimeCore};
@@ -240,10 +240,7 @@ impl Backend for ProcessBackend {
                 "Runtime.ExitError",
                 format!("Error: Runtime exited with error: {}", describe_exit(status)),
             ))),
-            _ = tokio::time::sleep(spec.init_timeout) => Err(StartError::Function(ErrorReport::platform(
-                "Sandbox.Timedout",
-                format!("Error: Init timed out after {:.2} seconds", spec.init_timeout.as_secs_f64()),
-            ))),
+            _ = tokio::time::sleep(spec.init_timeout) => Err(StartError::InitTimeout(spec.init_timeout)),
         }
     }
 }
@@ -356,12 +353,13 @@ impl Sandbox for ProcessSandbox {
         &self.id
     }
 
-    async fn invoke(&mut self, req: InvokeRequest) -> InvokeOutcome {
+    async fn invoke(&mut self, req: InvokeRequest, deadline: Instant) -> InvokeOutcome {
         let timeout = Duration::from_secs(u64::from(self.function.config.timeout));
+        let left = deadline.saturating_duration_since(Instant::now());
         let invocation = Invocation {
             request_id: req.request_id.clone(),
             invocation_id: uuid::Uuid::new_v4().to_string(),
-            deadline_ms: epoch_ms(SystemTime::now() + timeout),
+            deadline_ms: epoch_ms(SystemTime::now() + left),
             function_arn: self.function.config.function_arn.clone(),
             trace_id: Some(req.trace_id),
             client_context: req.client_context,
@@ -411,7 +409,7 @@ impl Sandbox for ProcessSandbox {
                 self.broken = true;
                 exit_error(status)
             }
-            _ = tokio::time::sleep(timeout) => {
+            _ = tokio::time::sleep_until(deadline.into()) => {
                 self.broken = true;
                 tracing::warn!(function = %self.function.config.function_name, env = %self.id,
                     request_id = %req.request_id, "invocation timed out; environment will be reset");
