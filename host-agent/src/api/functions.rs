@@ -103,7 +103,7 @@ pub async fn list(
 pub(super) fn lookup(
     registry: &Registry,
     raw: &str,
-    query_qualifier: Option<&str>,
+    query: &HashMap<String, String>,
 ) -> Result<Arc<Function>, LambdaError> {
     let r = parse_function_ref(raw).ok_or_else(|| {
         LambdaError::invalid_parameter(format!(
@@ -111,7 +111,10 @@ pub(super) fn lookup(
              Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{{2}}(-gov)?-[a-z]+-\\d{{1}}:)?(\\d{{12}}:)?(function:)?([a-zA-Z0-9-_]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?"
         ))
     })?;
-    let qualifier = r.qualifier.as_deref().or(query_qualifier);
+    let qualifier = r
+        .qualifier
+        .as_deref()
+        .or(query.get("Qualifier").map(String::as_str));
     let f = registry.get(&r.name).ok_or_else(|| {
         LambdaError::not_found(format!("Function not found: {}", registry.arn(&r.name)))
     })?;
@@ -129,11 +132,7 @@ pub async fn get(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, LambdaError> {
-    let f = lookup(
-        &state.registry,
-        &name,
-        q.get("Qualifier").map(String::as_str),
-    )?;
+    let f = lookup(&state.registry, &name, &q)?;
     let zip = f.code_dir.with_file_name("code.zip");
     Ok(Json(json!({
         "Configuration": f.config,
@@ -147,11 +146,7 @@ pub async fn get_configuration(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, LambdaError> {
-    let f = lookup(
-        &state.registry,
-        &name,
-        q.get("Qualifier").map(String::as_str),
-    )?;
+    let f = lookup(&state.registry, &name, &q)?;
     Ok(Json(&f.config).into_response())
 }
 
@@ -160,11 +155,7 @@ pub async fn delete(
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, LambdaError> {
-    let f = lookup(
-        &state.registry,
-        &name,
-        q.get("Qualifier").map(String::as_str),
-    )?;
+    let f = lookup(&state.registry, &name, &q)?;
     let registry = state.registry.clone();
     let fname = f.config.function_name.clone();
     tokio::task::spawn_blocking(move || registry.delete(&fname))

@@ -51,11 +51,7 @@ async fn handle(
     body: Body,
     request_id: &str,
 ) -> Result<Response, LambdaError> {
-    let function = lookup(
-        &state.registry,
-        name,
-        q.get("Qualifier").map(String::as_str),
-    )?;
+    let function = lookup(&state.registry, name, q)?;
     let invocation_type = header(headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     match invocation_type {
         "RequestResponse" | "DryRun" => {}
