@@ -108,6 +108,9 @@ fn invoke_errors_follow_the_invoke_api_table() {
 
     let r = agent.invoke_with("echo-sh", b"{}", &[("X-Amz-Invocation-Type", "Sometimes")]);
     assert_eq!(r.status, 400);
+    assert_eq!(r.header("x-amzn-errortype"), Some("ValidationException"));
+    let r = agent.invoke_with("echo-sh", b"{}", &[("X-Amz-Invocation-Type", "Event")]);
+    assert_eq!(r.status, 400);
     assert_eq!(
         r.header("x-amzn-errortype"),
         Some("InvalidParameterValueException")
@@ -121,6 +124,7 @@ fn invoke_errors_follow_the_invoke_api_table() {
 
     let r = agent.invoke_with("bad name!", b"{}", &[]);
     assert_eq!(r.status, 400);
+    assert_eq!(r.header("x-amzn-errortype"), Some("ValidationException"));
 
     let r = agent.get("/2015-03-31/no-such-api");
     assert_eq!(r.status, 404);

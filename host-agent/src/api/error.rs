@@ -42,6 +42,11 @@ impl LambdaError {
         )
     }
 
+    /// A constraint of the API model broken: pattern, range, enum, required member.
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "ValidationException", message)
+    }
+
     pub fn invalid_content(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -101,5 +106,15 @@ impl IntoResponse for LambdaError {
         res.headers_mut()
             .insert("x-amzn-errortype", HeaderValue::from_static(self.code));
         res
+    }
+}
+
+impl From<crate::functions::ValidationError> for LambdaError {
+    fn from(e: crate::functions::ValidationError) -> Self {
+        use crate::functions::ValidationError as V;
+        match e {
+            V::Constraint(_) => LambdaError::validation(e.to_string()),
+            V::Invalid(m) => LambdaError::invalid_parameter(m),
+        }
     }
 }

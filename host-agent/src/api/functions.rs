@@ -13,7 +13,8 @@ use serde_json::json;
 
 use super::{LambdaError, SharedState};
 use crate::functions::{
-    parse_function_ref, CreateFunctionRequest, Function, Registry, RegistryError, MAX_ZIP_BYTES,
+    name_constraint, parse_function_ref, CreateFunctionRequest, Function, Registry, RegistryError,
+    MAX_ZIP_BYTES,
 };
 
 /// A CreateFunction body carries the zip in base64 (4/3 of its size) plus some JSON.
@@ -48,9 +49,7 @@ pub async fn create(State(state): State<SharedState>, body: Body) -> Result<Resp
     let req: CreateFunctionRequest = serde_json::from_slice(&bytes).map_err(|e| {
         LambdaError::invalid_parameter(format!("Could not parse request body: {e}"))
     })?;
-    let (new, zip) = req
-        .validate()
-        .map_err(|e| LambdaError::invalid_parameter(e.0))?;
+    let (new, zip) = req.validate()?;
     if zip.len() > MAX_ZIP_BYTES {
         return Err(LambdaError::invalid_parameter(format!(
             "Zipped code must be at most {MAX_ZIP_BYTES} bytes for direct upload, got {} bytes",
@@ -77,7 +76,10 @@ pub async fn list(
             .ok()
             .filter(|n| (1..=10_000).contains(n))
             .ok_or_else(|| {
-                LambdaError::invalid_parameter("MaxItems must be between 1 and 10000")
+                LambdaError::validation(format!(
+                    "1 validation error detected: Value '{v}' at 'maxItems' failed to satisfy \
+                     constraint: Member must have value between 1 and 10000"
+                ))
             })?,
         None => 50,
     };
@@ -105,12 +107,8 @@ pub(super) fn lookup(
     raw: &str,
     query: &HashMap<String, String>,
 ) -> Result<Arc<Function>, LambdaError> {
-    let r = parse_function_ref(raw).ok_or_else(|| {
-        LambdaError::invalid_parameter(format!(
-            "1 validation error detected: Value '{raw}' at 'functionName' failed to satisfy constraint: \
-             Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{{2}}(-gov)?-[a-z]+-\\d{{1}}:)?(\\d{{12}}:)?(function:)?([a-zA-Z0-9-_]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?"
-        ))
-    })?;
+    let r = parse_function_ref(raw)
+        .ok_or_else(|| LambdaError::from(name_constraint(raw, "functionName")))?;
     let qualifier = r
         .qualifier
         .as_deref()

@@ -61,7 +61,7 @@ async fn handle(
             ))
         }
         other => {
-            return Err(LambdaError::invalid_parameter(format!(
+            return Err(LambdaError::validation(format!(
                 "1 validation error detected: Value '{other}' at 'invocationType' failed to satisfy constraint: \
                  Member must satisfy enum value set: [Event, RequestResponse, DryRun]"
             )))
@@ -69,7 +69,7 @@ async fn handle(
     }
     if let Some(log_type) = header(headers, "x-amz-log-type") {
         if log_type != "None" && log_type != "Tail" {
-            return Err(LambdaError::invalid_parameter(format!(
+            return Err(LambdaError::validation(format!(
                 "1 validation error detected: Value '{log_type}' at 'logType' failed to satisfy constraint: \
                  Member must satisfy enum value set: [None, Tail]"
             )));

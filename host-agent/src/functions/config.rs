@@ -88,13 +88,32 @@ pub struct EnvironmentInput {
     pub variables: Option<BTreeMap<String, String>>,
 }
 
-/// A request Lambda would refuse with `InvalidParameterValueException`.
+/// A request Lambda would refuse.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ValidationError(pub String);
+pub enum ValidationError {
+    /// Breaks a constraint of the API model (pattern, range, enum, required member):
+    /// Lambda's `ValidationException`.
+    #[error("1 validation error detected: {0}")]
+    Constraint(String),
+    /// Well-formed but not acceptable: `InvalidParameterValueException`.
+    #[error("{0}")]
+    Invalid(String),
+}
 
 fn invalid(msg: impl Into<String>) -> ValidationError {
-    ValidationError(msg.into())
+    ValidationError::Invalid(msg.into())
+}
+
+fn constraint(msg: impl Into<String>) -> ValidationError {
+    ValidationError::Constraint(msg.into())
+}
+
+/// The model's constraint on function names, as Lambda words it.
+pub fn name_constraint(value: &str, field: &str) -> ValidationError {
+    constraint(format!(
+        "Value '{value}' at '{field}' failed to satisfy constraint: Member must satisfy regular \
+         expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{{2}}(-gov)?-[a-z]+-\\d{{1}}:)?(\\d{{12}}:)?(function:)?([a-zA-Z0-9-_]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?"
+    ))
 }
 
 /// The validated settings of a new function, before code is stored.
@@ -116,12 +135,9 @@ impl CreateFunctionRequest {
     pub fn validate(self) -> Result<(NewFunction, Vec<u8>), ValidationError> {
         let name = self
             .function_name
-            .ok_or_else(|| invalid("FunctionName is required"))?;
+            .ok_or_else(|| constraint("Value null at 'functionName' failed to satisfy constraint: Member must not be null"))?;
         if !is_valid_name(&name) {
-            return Err(invalid(format!(
-                "1 validation error detected: Value '{name}' at 'functionName' failed to satisfy constraint: \
-                 Member must satisfy regular expression pattern: [a-zA-Z0-9-_]{{1,64}}"
-            )));
+            return Err(name_constraint(&name, "functionName"));
         }
         if let Some(pt) = &self.package_type {
             if pt != "Zip" {
@@ -152,18 +168,22 @@ impl CreateFunctionRequest {
             (Runtime::Provided, h) => h.unwrap_or_else(|| "bootstrap".to_string()),
         };
         if handler.len() > 128 {
-            return Err(invalid("Handler must be at most 128 characters"));
+            return Err(constraint(format!(
+                "Value '{handler}' at 'handler' failed to satisfy constraint: Member must have length less than or equal to 128"
+            )));
         }
         let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
         if !(1..=MAX_TIMEOUT_S).contains(&timeout) {
-            return Err(invalid(format!(
-                "Timeout must be between 1 and {MAX_TIMEOUT_S} seconds, got {timeout}"
+            return Err(constraint(format!(
+                "Value '{timeout}' at 'timeout' failed to satisfy constraint: Member must have value \
+                 between 1 and {MAX_TIMEOUT_S}"
             )));
         }
         let memory_size = self.memory_size.unwrap_or(DEFAULT_MEMORY_MB);
         if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&memory_size) {
-            return Err(invalid(format!(
-                "MemorySize must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB} MB, got {memory_size}"
+            return Err(constraint(format!(
+                "Value '{memory_size}' at 'memorySize' failed to satisfy constraint: Member must have \
+                 value between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"
             )));
         }
         let variables = self
@@ -192,12 +212,15 @@ impl CreateFunctionRequest {
             None | Some([]) => "x86_64".to_string(),
             Some([a]) if a == "x86_64" => a.clone(),
             Some(other) => {
-                return Err(invalid(format!(
-                    "Architectures {other:?} not supported on this host: only x86_64"
+                return Err(constraint(format!(
+                    "Value '{other:?}' at 'architectures' failed to satisfy constraint: Member must \
+                     have length 1 and its member must satisfy enum value set: [x86_64] on this host"
                 )))
             }
         };
-        let code = self.code.ok_or_else(|| invalid("Code is required"))?;
+        let code = self.code.ok_or_else(|| {
+            constraint("Value null at 'code' failed to satisfy constraint: Member must not be null")
+        })?;
         if code.s3_bucket.is_some() || code.image_uri.is_some() {
             return Err(invalid(
                 "Only Code.ZipFile is supported: S3 and container image code are not",
@@ -367,11 +390,11 @@ mod tests {
             ),
             (
                 serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Timeout": 901, "Code": {"ZipFile": ""}}),
-                "Timeout",
+                "'timeout'",
             ),
             (
                 serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "MemorySize": 64, "Code": {"ZipFile": ""}}),
-                "MemorySize",
+                "'memorySize'",
             ),
             (
                 serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Environment": {"Variables": {"AWS_REGION": "x"}}, "Code": {"ZipFile": ""}}),
@@ -383,12 +406,25 @@ mod tests {
             ),
             (
                 serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023"}),
-                "Code is required",
+                "'code'",
+            ),
+            (
+                serde_json::json!({"Runtime": "provided.al2023", "Code": {"ZipFile": ""}}),
+                "must not be null",
             ),
         ];
         for (json, needle) in cases {
-            let err = req(json.clone()).validate().unwrap_err().to_string();
+            let err = req(json.clone()).validate().unwrap_err();
+            // Model constraints are worded "1 validation error detected: Value ..."; the
+            // service's own refusals are not.
+            let is_constraint = matches!(err, ValidationError::Constraint(_));
+            let err = err.to_string();
             assert!(err.contains(needle), "{json}: {err}");
+            assert_eq!(
+                is_constraint,
+                err.starts_with("1 validation error detected"),
+                "{err}"
+            );
         }
     }
 }

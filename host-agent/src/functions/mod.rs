@@ -8,7 +8,7 @@ pub use archive::{
     build_zip, extract_zip, zip_dir, ArchiveError, ZipEntry, MAX_UNZIPPED_BYTES, MAX_ZIP_BYTES,
 };
 pub use config::{
-    parse_function_ref, CreateFunctionRequest, FunctionConfiguration, FunctionRef, NewFunction,
-    Runtime, ValidationError,
+    name_constraint, parse_function_ref, CreateFunctionRequest, FunctionConfiguration, FunctionRef,
+    NewFunction, Runtime, ValidationError,
 };
 pub use store::{Function, Registry, RegistryError};
