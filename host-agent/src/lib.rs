@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod datadir;
 pub mod examples;
 pub mod functions;
 pub mod pool;

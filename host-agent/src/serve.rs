@@ -50,6 +50,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Registry(#[from] crate::functions::RegistryError),
+    #[error(transparent)]
+    Lock(#[from] crate::datadir::LockError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -97,10 +99,15 @@ pub async fn run(
     on_listen: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServeError::DataDir {
-        path: cfg.data_dir.clone(),
-        source,
-    })?;
+    let _lock = crate::datadir::lock(&cfg.data_dir)?;
+    // Bind first: a busy port should fail the start before anything else is touched.
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let backend = choose_backend(&cfg)?;
     let registry = Arc::new(Registry::open(&cfg.data_dir, &cfg.region, &cfg.account_id)?);
     if cfg.deploy_examples {
         let (r, d) = (registry.clone(), cfg.data_dir.clone());
@@ -108,7 +115,6 @@ pub async fn run(
             .await
             .map_err(|e| ServeError::Server(std::io::Error::other(e)))?;
     }
-    let backend = choose_backend(&cfg)?;
     let pool = Arc::new(Pool::new(
         backend,
         cfg.region.clone(),
@@ -119,12 +125,6 @@ pub async fn run(
         registry: registry.clone(),
         pool: pool.clone(),
     });
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
     let addr = listener.local_addr().map_err(ServeError::Server)?;
     tracing::info!(%addr, backend = pool.backend_name(), data_dir = %cfg.data_dir.display(),
         functions = registry.list().len(), "kindling is serving");

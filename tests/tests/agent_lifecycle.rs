@@ -178,3 +178,28 @@ fn cli_create_list_invoke_delete() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `kindling serve` running?"));
 }
+
+#[test]
+fn a_second_agent_on_the_same_data_dir_is_refused() {
+    let agent = Agent::start();
+    let out = Command::new(workspace_bin("kindling"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-examples",
+            "--data-dir",
+        ])
+        .arg(&agent.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("in use by another kindling (pid {})", agent.pid())),
+        "{err}"
+    );
+    // The first agent is unharmed.
+    let r = agent.get("/2015-03-31/functions/");
+    assert_eq!(r.status, 200);
+}
