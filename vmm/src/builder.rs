@@ -10,13 +10,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, mptable, params, BootError};
 use crate::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use crate::controller::{Controller, MetricsSources, Outcome};
 use crate::devices::legacy::{BootTimer, SerialDevice, SerialOutput, I8042};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{VirtioDevice, NOTIFY_REG_OFFSET};
 use crate::devices::Bus;
 use crate::host::{self, HostKvm};
 use crate::layout::*;
@@ -85,7 +89,10 @@ pub fn compose_cmdline(config: &VmConfig, host: &HostKvm, devices: &[String]) ->
         Some(c) => c.clone(),
         None => match config.serial {
             SerialConfig::None => DEFAULT_CMDLINE.to_string(),
-            _ => format!("{} console=ttyS0", DEFAULT_CMDLINE.replace(" 8250.nr_uarts=0", "")),
+            _ => format!(
+                "{} console=ttyS0",
+                DEFAULT_CMDLINE.replace(" 8250.nr_uarts=0", "")
+            ),
         },
     };
     let mut parts = vec![base];
@@ -124,7 +131,11 @@ fn validate(config: &VmConfig) -> Result<(), BuildError> {
 
 /// Builds the VM. `start` is when the VMM process began (the boot timer counts from it);
 /// `api_socket` is where to serve the control socket, if anywhere.
-pub fn build(config: &VmConfig, start: Instant, api_socket: Option<&Path>) -> Result<Vmm, BuildError> {
+pub fn build(
+    config: &VmConfig,
+    start: Instant,
+    api_socket: Option<&Path>,
+) -> Result<Vmm, BuildError> {
     validate(config)?;
     let kvm = vm::open_kvm()?;
     let host = host::detect(&kvm)?;
@@ -148,7 +159,8 @@ pub fn build(config: &VmConfig, start: Instant, api_socket: Option<&Path>) -> Re
 
     // Legacy devices.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("serial irqfd"))?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(kvm_err("serial irqfd"))?;
     let out = match &config.serial {
         SerialConfig::None => SerialOutput::Sink,
         SerialConfig::Stdout => SerialOutput::Stdout(std::io::stdout()),
@@ -163,7 +175,10 @@ pub fn build(config: &VmConfig, start: Instant, api_socket: Option<&Path>) -> Re
     };
     let bus_err = |what: &str| {
         let what = what.to_string();
-        move |e: crate::devices::BusError| BuildError::Device { what, msg: e.to_string() }
+        move |e: crate::devices::BusError| BuildError::Device {
+            what,
+            msg: e.to_string(),
+        }
     };
     pio.insert(
         Arc::new(Mutex::new(SerialDevice::new(serial_irq, out))),
@@ -180,8 +195,12 @@ pub fn build(config: &VmConfig, start: Instant, api_socket: Option<&Path>) -> Re
     .map_err(bus_err("i8042"))?;
     let boot_timer = BootTimer::new(start);
     let boot_reading = boot_timer.reading();
-    mmio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_ADDR, BOOT_TIMER_SIZE)
-        .map_err(bus_err("boot timer"))?;
+    mmio.insert(
+        Arc::new(Mutex::new(boot_timer)),
+        BOOT_TIMER_ADDR,
+        BOOT_TIMER_SIZE,
+    )
+    .map_err(bus_err("boot timer"))?;
 
     // virtio devices.
     let announcements = attach_virtio(config, &vm, &mem, &mut mmio, &mut event_manager)?;
@@ -201,7 +220,9 @@ pub fn build(config: &VmConfig, start: Instant, api_socket: Option<&Path>) -> Re
     let mut vcpus = Vec::new();
     let mut counters = Vec::new();
     for id in 0..config.vcpus {
-        let fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("create vCPU"))?;
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create vCPU"))?;
         let c = Arc::new(VcpuCounters::default());
         let mut v = Vcpu::new(id, fd, pio.clone(), mmio.clone(), mem.clone(), c.clone());
         v.configure_boot(&supported, config.vcpus, kernel.entry)?;
@@ -246,22 +267,69 @@ pub fn build(config: &VmConfig, start: Instant, api_socket: Option<&Path>) -> Re
     })
 }
 
-/// Creates the configured virtio devices on virtio-mmio slots; returns their command-line
-/// announcements (`virtio_mmio.device=4K@ADDR:IRQ`).
+/// Creates the configured virtio devices on virtio-mmio slots (block devices first, then
+/// vsock); returns their command-line announcements (`virtio_mmio.device=4K@ADDR:IRQ`).
 fn attach_virtio(
     config: &VmConfig,
-    _vm: &VmFd,
-    _mem: &GuestMemoryMmap,
-    _mmio: &mut Bus,
-    _event_manager: &mut EventManager<Subscriber>,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager<Subscriber>,
 ) -> Result<Vec<String>, BuildError> {
-    if !config.block.is_empty() || config.vsock.is_some() {
-        return Err(BuildError::Device {
-            what: "virtio".into(),
-            msg: "virtio devices are not wired in yet".into(),
-        });
+    // (name for messages, the device as the transport sees it, the same as a subscriber)
+    type Attached = (String, Arc<Mutex<dyn VirtioDevice>>, Subscriber);
+    let mut devices: Vec<Attached> = Vec::new();
+    for (i, b) in config.block.iter().enumerate() {
+        let what = format!("block{i} ({})", b.path.display());
+        let dev = Block::new(b).map_err(|e| BuildError::Device {
+            what: what.clone(),
+            msg: e.to_string(),
+        })?;
+        let dev = Arc::new(Mutex::new(dev));
+        devices.push((what, dev.clone(), dev));
     }
-    Ok(Vec::new())
+    if let Some(v) = &config.vsock {
+        // A socket file left by an earlier VMM would make the bind fail.
+        let _ = std::fs::remove_file(&v.uds_path);
+        let what = format!("vsock ({})", v.uds_path.display());
+        let dev = Vsock::new(v).map_err(|e| BuildError::Device {
+            what: what.clone(),
+            msg: e.to_string(),
+        })?;
+        let dev = Arc::new(Mutex::new(dev));
+        devices.push((what, dev.clone(), dev));
+    }
+    let mut announcements = Vec::new();
+    for (slot, (what, dev, subscriber)) in devices.into_iter().enumerate() {
+        let (addr, irq) = virtio_mmio_slot(slot as u64).ok_or_else(|| BuildError::Device {
+            what: what.clone(),
+            msg: format!("more than {VIRTIO_MMIO_MAX_DEVICES} virtio devices"),
+        })?;
+        {
+            let d = crate::devices::lock(&dev);
+            for (i, evt) in d.queue_events().iter().enumerate() {
+                // A u32 datamatch makes KVM match 4-byte writes of the queue index.
+                vm.register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(addr + NOTIFY_REG_OFFSET),
+                    i as u32,
+                )
+                .map_err(kvm_err("virtio ioeventfd"))?;
+            }
+            vm.register_irqfd(d.interrupt_evt(), irq)
+                .map_err(kvm_err("virtio irqfd"))?;
+        }
+        let transport = MmioTransport::new(mem.clone(), dev);
+        mmio.insert(Arc::new(Mutex::new(transport)), addr, VIRTIO_MMIO_SLOT_SIZE)
+            .map_err(|e| BuildError::Device {
+                what: what.clone(),
+                msg: e.to_string(),
+            })?;
+        event_manager.add_subscriber(subscriber);
+        tracing::info!(device = %what, addr = format!("{addr:#x}"), irq, "virtio device");
+        announcements.push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+    }
+    Ok(announcements)
 }
 
 impl Vmm {

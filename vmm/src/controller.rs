@@ -95,7 +95,12 @@ impl Controller {
     }
 
     /// Hands over the vCPUs; they start at [`Controller::start`] or the `start` action.
-    pub fn set_vcpus(&mut self, vcpus: Vec<Vcpu>, stops: std::sync::mpsc::Sender<(u8, VcpuStop)>, wake: EventFd) {
+    pub fn set_vcpus(
+        &mut self,
+        vcpus: Vec<Vcpu>,
+        stops: std::sync::mpsc::Sender<(u8, VcpuStop)>,
+        wake: EventFd,
+    ) {
         self.pending = Some(Box::new(move || {
             vcpus
                 .into_iter()
@@ -143,7 +148,9 @@ impl Controller {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        let Some(listener) = &self.listener else { return };
+        let Some(listener) = &self.listener else {
+            return;
+        };
         match listener.accept() {
             Ok((stream, _)) => {
                 if self.conns.len() >= MAX_CONNECTIONS {
@@ -153,8 +160,17 @@ impl Controller {
                 }
                 let _ = stream.set_nonblocking(true);
                 let fd = stream.as_raw_fd();
-                if ops.add(Events::new(&stream, EventSet::IN | EventSet::READ_HANG_UP)).is_ok() {
-                    self.conns.insert(fd, Conn { stream, buf: Vec::new() });
+                if ops
+                    .add(Events::new(&stream, EventSet::IN | EventSet::READ_HANG_UP))
+                    .is_ok()
+                {
+                    self.conns.insert(
+                        fd,
+                        Conn {
+                            stream,
+                            buf: Vec::new(),
+                        },
+                    );
                 }
             }
             Err(e) => tracing::warn!("control socket accept: {e}"),
@@ -188,7 +204,9 @@ impl Controller {
                 requests.push(line);
             }
             if conn.buf.len() > MAX_LINE {
-                let _ = conn.stream.write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n");
+                let _ = conn
+                    .stream
+                    .write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n");
                 close = true;
             }
         }
@@ -199,7 +217,9 @@ impl Controller {
                 out.push(b'\n');
                 // Answers are small; a client that does not read them loses its connection.
                 let _ = conn.stream.set_nonblocking(false);
-                let _ = conn.stream.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+                let _ = conn
+                    .stream
+                    .set_write_timeout(Some(std::time::Duration::from_secs(1)));
                 if conn.stream.write_all(&out).is_err() {
                     close = true;
                 }
@@ -208,7 +228,10 @@ impl Controller {
         }
         if close {
             if let Some(conn) = self.conns.remove(&fd) {
-                let _ = ops.remove(Events::new(&conn.stream, EventSet::IN | EventSet::READ_HANG_UP));
+                let _ = ops.remove(Events::new(
+                    &conn.stream,
+                    EventSet::IN | EventSet::READ_HANG_UP,
+                ));
             }
         }
     }
@@ -306,7 +329,9 @@ pub fn guest_resident_bytes(mem: &GuestMemoryMmap) -> u64 {
     let page = page_size();
     let mut total = 0;
     for region in mem.iter() {
-        let Ok(ptr) = region.get_host_address(MemoryRegionAddress(0)) else { continue };
+        let Ok(ptr) = region.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
         let len = region.len();
         let pages = len.div_ceil(page) as usize;
         let mut vec = vec![0u8; pages];
@@ -383,7 +408,11 @@ mod tests {
         assert_eq!(m["ok"], true);
         assert_eq!(m["metrics"]["memory"]["guest_size_bytes"], 1 << 20);
         assert!(m["metrics"]["boot"].is_null());
-        assert_eq!(c.handle(br#"{"action":"start"}"#)["ok"], false, "no vCPUs handed over");
+        assert_eq!(
+            c.handle(br#"{"action":"start"}"#)["ok"],
+            false,
+            "no vCPUs handed over"
+        );
         assert_eq!(c.handle(br#"{"action":"shutdown"}"#)["ok"], true);
         assert_eq!(c.outcome, Some(Outcome::Shutdown));
     }

@@ -63,7 +63,17 @@ pub fn detect(kvm: &Kvm) -> Result<HostKvm, ProbeError> {
     // mov ecx, N; 1: dec ecx; jnz 1b; out 0x80, al
     let n = PROBE_ITERATIONS.to_le_bytes();
     let code = [
-        0xb9, n[0], n[1], n[2], n[3], 0xff, 0xc9, 0x75, 0xfc, 0xe6, PROBE_PORT as u8,
+        0xb9,
+        n[0],
+        n[1],
+        n[2],
+        n[3],
+        0xff,
+        0xc9,
+        0x75,
+        0xfc,
+        0xe6,
+        PROBE_PORT as u8,
     ];
     mem.write_slice(&code, GuestAddress(PROBE_CODE_ADDR))
         .map_err(|e| ProbeError::Memory(e.to_string()))?;

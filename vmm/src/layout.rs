@@ -70,7 +70,9 @@ mod tests {
     fn slots_stay_in_the_mmio_gap_and_irq_range() {
         let mut n = 0;
         while let Some((addr, irq)) = virtio_mmio_slot(n) {
-            assert!(addr >= MMIO_GAP_START && addr + VIRTIO_MMIO_SLOT_SIZE <= KVM_IDENTITY_MAP_ADDRESS);
+            assert!(
+                addr >= MMIO_GAP_START && addr + VIRTIO_MMIO_SLOT_SIZE <= KVM_IDENTITY_MAP_ADDRESS
+            );
             assert!((IRQ_VIRTIO_FIRST..=IRQ_MAX).contains(&irq));
             n += 1;
         }

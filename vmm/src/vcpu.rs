@@ -78,7 +78,12 @@ impl Vcpu {
 
     /// Sets CPUID, MSRs, registers, FPU and LAPIC for the 64-bit entry at `entry`.
     /// Every vCPU gets the same state; the kernel parks the secondaries until it wakes them.
-    pub fn configure_boot(&mut self, supported: &CpuId, count: u8, entry: u64) -> Result<(), VcpuError> {
+    pub fn configure_boot(
+        &mut self,
+        supported: &CpuId,
+        count: u8,
+        entry: u64,
+    ) -> Result<(), VcpuError> {
         let id = self.id;
         let err = |what| move |source| VcpuError::Configure { id, what, source };
         // CPUID first: KVM checks MSRs against it.
@@ -94,7 +99,9 @@ impl Vcpu {
                 wanted: msrs.as_slice().len(),
             });
         }
-        self.fd.set_regs(&regs::boot_regs(entry)).map_err(err("regs"))?;
+        self.fd
+            .set_regs(&regs::boot_regs(entry))
+            .map_err(err("regs"))?;
         let sregs = self.fd.get_sregs().map_err(err("get sregs"))?;
         self.fd
             .set_sregs(&regs::boot_sregs(sregs))
@@ -170,7 +177,10 @@ impl Vcpu {
         // the one KVM filled.
         let (suberror, ndata) = unsafe {
             let run = self.fd.get_kvm_run();
-            (run.__bindgen_anon_1.internal.suberror, run.__bindgen_anon_1.internal.ndata)
+            (
+                run.__bindgen_anon_1.internal.suberror,
+                run.__bindgen_anon_1.internal.ndata,
+            )
         };
         let kind = match suberror {
             1 => "emulation failure",
@@ -187,7 +197,12 @@ impl Vcpu {
                         self.mem.read_slice(&mut buf, GuestAddress(pa)).ok()?;
                         Some(buf)
                     })
-                    .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "))
+                    .map(|b| {
+                        b.iter()
+                            .map(|x| format!("{x:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
                     .unwrap_or_else(|| "<unmapped>".into());
                 (format!("{:#x}", r.rip), bytes)
             }
@@ -243,7 +258,10 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_tables(&mem).unwrap();
         assert_eq!(guest_virt_to_phys(&mem, PML4_START, 0x1234), Some(0x1234));
-        assert_eq!(guest_virt_to_phys(&mem, PML4_START, 0x3fff_ffff), Some(0x3fff_ffff));
+        assert_eq!(
+            guest_virt_to_phys(&mem, PML4_START, 0x3fff_ffff),
+            Some(0x3fff_ffff)
+        );
         // Beyond the first GiB: the PDPTE is empty.
         assert_eq!(guest_virt_to_phys(&mem, PML4_START, 1 << 30), None);
         // A CR3 pointing outside guest memory.

@@ -31,7 +31,10 @@ pub fn memory_ranges(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     let low = mem_size.min(MMIO_GAP_START);
     let mut ranges = vec![(GuestAddress(0), low as usize)];
     if mem_size > MMIO_GAP_START {
-        ranges.push((GuestAddress(MMIO_GAP_END), (mem_size - MMIO_GAP_START) as usize));
+        ranges.push((
+            GuestAddress(MMIO_GAP_END),
+            (mem_size - MMIO_GAP_START) as usize,
+        ));
     }
     ranges
 }
@@ -60,22 +63,32 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
     register_memory(&vm, mem)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(|source| VmError::Setup { what: "TSS address", source })?;
+        .map_err(|source| VmError::Setup {
+            what: "TSS address",
+            source,
+        })?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        .map_err(|source| VmError::Setup { what: "identity map address", source })?;
+        .map_err(|source| VmError::Setup {
+            what: "identity map address",
+            source,
+        })?;
     Ok(vm)
 }
 
 /// Adds the in-kernel PIC/IOAPIC/LAPIC and the PIT (speaker port ignored).
 pub fn create_irqchip_and_pit(vm: &VmFd) -> Result<(), VmError> {
-    vm.create_irq_chip()
-        .map_err(|source| VmError::Setup { what: "irqchip", source })?;
+    vm.create_irq_chip().map_err(|source| VmError::Setup {
+        what: "irqchip",
+        source,
+    })?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit)
-        .map_err(|source| VmError::Setup { what: "PIT", source })
+    vm.create_pit2(pit).map_err(|source| VmError::Setup {
+        what: "PIT",
+        source,
+    })
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {

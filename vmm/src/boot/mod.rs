@@ -52,12 +52,22 @@ pub struct LoadedKernel {
 }
 
 /// Loads an ELF `vmlinux` at its physical addresses (at or above 1 MiB).
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(LoadedKernel, Option<linux_loader::loader::bootparam::setup_header>), BootError> {
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<
+    (
+        LoadedKernel,
+        Option<linux_loader::loader::bootparam::setup_header>,
+    ),
+    BootError,
+> {
     let mut f = File::open(path).map_err(|source| BootError::Open {
         path: path.display().to_string(),
         source,
     })?;
-    let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(BootError::Kernel)?;
+    let r =
+        Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(BootError::Kernel)?;
     Ok((
         LoadedKernel {
             entry: r.kernel_load.0,

@@ -21,7 +21,10 @@ const MPTABLE_MAX_SIZE: usize = 0xa0000 - MPTABLE_START as usize;
 pub const MAX_CPUS: u8 = 32;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The table's bytes for `num_cpus` CPUs, to be placed at [`MPTABLE_START`].

@@ -86,10 +86,19 @@ mod tests {
     #[test]
     fn e820_skips_the_mmio_gap() {
         let small = e820_map(128 << 20);
-        assert_eq!(small.last().unwrap(), &(HIMEM_START, (128 << 20) - HIMEM_START, E820_RAM));
+        assert_eq!(
+            small.last().unwrap(),
+            &(HIMEM_START, (128 << 20) - HIMEM_START, E820_RAM)
+        );
         let big = e820_map(4 << 30);
-        assert_eq!(big[2], (HIMEM_START, MMIO_GAP_START - HIMEM_START, E820_RAM));
-        assert_eq!(big[3], (MMIO_GAP_END, (4u64 << 30) - MMIO_GAP_START, E820_RAM));
+        assert_eq!(
+            big[2],
+            (HIMEM_START, MMIO_GAP_START - HIMEM_START, E820_RAM)
+        );
+        assert_eq!(
+            big[3],
+            (MMIO_GAP_END, (4u64 << 30) - MMIO_GAP_START, E820_RAM)
+        );
         let total: u64 = big.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(total, (4u64 << 30) - HIMEM_START + EBDA_START);
     }

@@ -47,8 +47,16 @@ mod tests {
     #[test]
     fn apic_ids_and_hypervisor_bit() {
         let entries = [
-            kvm_cpuid_entry2 { function: LEAF_FEATURES, ebx: 0xffff_ffff, ..Default::default() },
-            kvm_cpuid_entry2 { function: LEAF_EXT_TOPOLOGY, index: 1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: LEAF_FEATURES,
+                ebx: 0xffff_ffff,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: LEAF_EXT_TOPOLOGY,
+                index: 1,
+                ..Default::default()
+            },
         ];
         let c = CpuId::from_entries(&entries).unwrap();
         let c = for_vcpu(c, 3, 4);

@@ -44,7 +44,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let before = self.devices.range(..end).next_back();
         if let Some((&b, &(l, _))) = before {
             if b + l > base {
@@ -115,11 +117,17 @@ mod tests {
         bus.insert(a.clone(), 0x1000, 0x100).unwrap();
         assert_eq!(
             bus.insert(a.clone(), 0x10ff, 0x10),
-            Err(BusError::Overlap { base: 0x10ff, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0x10ff,
+                len: 0x10
+            })
         );
         assert_eq!(
             bus.insert(a.clone(), 0xff0, 0x20),
-            Err(BusError::Overlap { base: 0xff0, len: 0x20 })
+            Err(BusError::Overlap {
+                base: 0xff0,
+                len: 0x20
+            })
         );
         assert!(bus.insert(a.clone(), u64::MAX, 2).is_err());
         bus.insert(a.clone(), 0x1100, 0x10).unwrap();

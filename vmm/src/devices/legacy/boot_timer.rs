@@ -45,7 +45,8 @@ fn process_cpu_time() -> Duration {
     }
     // SAFETY: getrusage returned 0, so the struct is initialised.
     let ru = unsafe { ru.assume_init() };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000);
+    let tv =
+        |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 

@@ -12,11 +12,16 @@ const CMD_RESET_CPU: u8 = 0xFE;
 pub struct I8042 {
     /// Written when the guest asks for a reset.
     reset_evt: EventFd,
+    /// Linux writes the reset command several times; it is acted on once.
+    reset_requested: bool,
 }
 
 impl I8042 {
     pub fn new(reset_evt: EventFd) -> Self {
-        I8042 { reset_evt }
+        I8042 {
+            reset_evt,
+            reset_requested: false,
+        }
     }
 }
 
@@ -28,7 +33,8 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         match (offset, data) {
-            (COMMAND_OFFSET, [CMD_RESET_CPU]) => {
+            (COMMAND_OFFSET, [CMD_RESET_CPU]) if !self.reset_requested => {
+                self.reset_requested = true;
                 tracing::info!("guest requested a reset through the i8042; stopping the VM");
                 if let Err(e) = self.reset_evt.write(1) {
                     tracing::error!("cannot signal the reset: {e}");
@@ -53,7 +59,8 @@ mod tests {
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU, 0]);
         assert!(evt.read().is_err(), "nothing signalled yet");
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
-        assert_eq!(evt.read().unwrap(), 1);
+        dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
+        assert_eq!(evt.read().unwrap(), 1, "signalled once");
         let mut status = [0xffu8];
         dev.read(COMMAND_OFFSET, &mut status);
         assert_eq!(status, [0]);

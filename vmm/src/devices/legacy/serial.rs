@@ -42,7 +42,8 @@ impl Write for SerialOutput {
                 let n = file.write(buf)?;
                 *written += n as u64;
                 if *written >= MAX_SERIAL_FILE_BYTES {
-                    let _ = file.write_all(b"\n[kindling-vmm: serial log cap reached, dropping output]\n");
+                    let _ = file
+                        .write_all(b"\n[kindling-vmm: serial log cap reached, dropping output]\n");
                 }
                 Ok(n)
             }
