@@ -71,6 +71,8 @@ pub struct Controller {
     /// vCPUs not yet started, and how to start them.
     pending: Option<Box<dyn FnOnce() -> Vec<JoinHandle<()>> + Send>>,
     threads: Vec<JoinHandle<()>>,
+    /// When the vCPUs were started, from VMM start.
+    started: Option<std::time::Duration>,
     metrics: MetricsSources,
     pub outcome: Option<Outcome>,
 }
@@ -89,6 +91,7 @@ impl Controller {
             conns: HashMap::new(),
             pending: None,
             threads: Vec::new(),
+            started: None,
             metrics,
             outcome: None,
         }
@@ -119,6 +122,7 @@ impl Controller {
     pub fn start(&mut self) -> bool {
         match self.pending.take() {
             Some(f) => {
+                self.started = Some(self.metrics.start.elapsed());
                 self.threads = f();
                 tracing::info!(vcpus = self.threads.len(), "VM started");
                 true
@@ -290,6 +294,7 @@ impl Controller {
         let guest_resident = guest_resident_bytes(&m.mem);
         json!({
             "uptime_us": m.start.elapsed().as_micros() as u64,
+            "vcpus_started_us": self.started.map(|d| d.as_micros() as u64),
             "boot": boot,
             "vcpus": exits,
             "memory": {
