@@ -3,16 +3,36 @@
 
 die() { echo "error: $*" >&2; exit 1; }
 
+# System packages: curl (shell bootstraps in tests), python3-venv, and what the guest kernel
+# build (rootfs::kernel) and the VM tests need (binutils assembles the tiny test guests).
+ensure_system_packages() {
+    local need=()
+    command -v curl >/dev/null || need+=(curl)
+    python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+    command -v make >/dev/null || need+=(make)
+    command -v gcc >/dev/null || need+=(gcc)
+    command -v as >/dev/null || need+=(binutils)
+    command -v flex >/dev/null || need+=(flex)
+    command -v bison >/dev/null || need+=(bison)
+    command -v bc >/dev/null || need+=(bc)
+    command -v patch >/dev/null || need+=(patch)
+    command -v xz >/dev/null || need+=(xz-utils)
+    command -v cpio >/dev/null || need+=(cpio)
+    [ -f /usr/include/gelf.h ] || need+=(libelf-dev)
+    [ ${#need[@]} -eq 0 ] && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "==> installing ${need[*]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        die "missing system packages: apt-get install ${need[*]}"
+    fi
+}
+
 ensure_prereqs() {
     command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
     command -v python3 >/dev/null || die "python3 not found: install Python 3.11 (apt-get install python3 python3-venv)"
-    if ! command -v curl >/dev/null; then
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            apt-get update -qq && apt-get install -y -qq curl >/dev/null
-        else
-            die "curl not found: apt-get install curl"
-        fi
-    fi
+    ensure_system_packages
     local v
     v=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     [ "$v" = "3.11" ] || echo "warning: python3 is $v; python3.11 functions will run on it" >&2

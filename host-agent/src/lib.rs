@@ -8,6 +8,7 @@
 //! - [`cli`]: the thin client commands (`kindling invoke`, `kindling function ...`).
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod datadir;
 pub mod examples;

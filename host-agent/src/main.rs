@@ -41,6 +41,206 @@ enum Command {
     /// Manage functions.
     #[command(subcommand)]
     Function(FunctionCmd),
+    /// The microVM guest kernel (built from Debian's linux-source-6.1, cached).
+    #[command(subcommand)]
+    Kernel(KernelCmd),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Boot the guest kernel N times to a boot-only init: boot time (wall, VMM CPU), VMM setup
+    /// time and VMM memory overhead.
+    Boot {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        mem: u32,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Kernel flavour when --kernel is not given: smp or up.
+        #[arg(long, default_value = "smp")]
+        flavour: rootfs::Flavour,
+        /// A vmlinux to boot instead of the cached guest kernel.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// A static init to boot instead of the test init built from the workspace.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// The kindling-vmm binary (default: beside this one).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run_bench(cmd: BenchCmd) -> ExitCode {
+    match cmd {
+        BenchCmd::Boot {
+            runs,
+            mem,
+            vcpus,
+            flavour,
+            kernel,
+            init,
+            vmm,
+            json,
+        } => {
+            let kernel = match kernel {
+                Some(k) => k,
+                None => match rootfs::ensure_kernel(rootfs::KernelOptions {
+                    flavour,
+                    ..Default::default()
+                }) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        eprintln!("kindling: guest kernel: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let args = host_agent::bench::BootBenchArgs {
+                runs: runs.max(1),
+                mem_mib: mem,
+                vcpus,
+                vmm,
+                kernel: Some(kernel),
+                init,
+            };
+            let bar = indicatif::ProgressBar::new(args.runs as u64);
+            if json {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            } else {
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:30} {pos}/{len} boots [{elapsed}]",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+            }
+            let result = host_agent::bench::boot(&args, |n| bar.set_position(n as u64));
+            bar.finish_and_clear();
+            match result {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    print!("{}", host_agent::bench::render(&r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kindling: bench boot: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum KernelCmd {
+    /// Build the guest kernel unless it is cached; print the vmlinux path.
+    Build {
+        /// Rebuild even if it is cached.
+        #[arg(long)]
+        force: bool,
+        /// Print {vmlinux, config, hash, cached} as JSON.
+        #[arg(long)]
+        json: bool,
+        /// smp (default), or up: uniprocessor, for 1-vCPU guests on emulating hosts.
+        #[arg(long, default_value = "smp")]
+        flavour: rootfs::Flavour,
+    },
+    /// Print the cached vmlinux path; exit 1 if it has not been built.
+    Path {
+        /// smp (default) or up.
+        #[arg(long, default_value = "smp")]
+        flavour: rootfs::Flavour,
+    },
+}
+
+fn run_kernel(cmd: KernelCmd) -> ExitCode {
+    use std::io::IsTerminal;
+    match cmd {
+        KernelCmd::Build {
+            force,
+            json,
+            flavour,
+        } => {
+            let bar = indicatif::ProgressBar::new_spinner();
+            let tty = std::io::stderr().is_terminal();
+            if tty {
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                bar.enable_steady_tick(Duration::from_millis(120));
+            }
+            let pb = bar.clone();
+            let progress = move |p: &rootfs::kernel::Progress| match p {
+                rootfs::kernel::Progress::Phase(phase) if tty => {
+                    pb.println(format!("kindling kernel: {phase}"));
+                    pb.set_message(phase.clone());
+                }
+                rootfs::kernel::Progress::Phase(phase) => eprintln!("kindling kernel: {phase}"),
+                rootfs::kernel::Progress::Make { steps, line } if tty => {
+                    pb.set_message(format!("compiling: {steps} steps; {line}"));
+                }
+                rootfs::kernel::Progress::Make { .. } => {}
+            };
+            let result = rootfs::ensure_kernel_build(rootfs::KernelOptions {
+                force,
+                flavour,
+                progress: Some(Box::new(progress)),
+                ..Default::default()
+            });
+            bar.finish_and_clear();
+            match result {
+                Ok(b) if json => {
+                    let out = json!({
+                        "vmlinux": b.vmlinux,
+                        "config": b.config,
+                        "hash": b.hash,
+                        "cached": b.cached,
+                        "source_version": b.source_version,
+                        "flavour": b.flavour.name(),
+                    });
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Ok(b) => {
+                    println!("{}", b.vmlinux.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kindling: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        KernelCmd::Path { flavour } => match rootfs::kernel::cached_kernel(None, flavour) {
+            Ok(Some(b)) => {
+                println!("{}", b.vmlinux.display());
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                eprintln!(
+                    "kindling: the guest kernel is not built yet (run `kindling kernel build`)"
+                );
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("kindling: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }
 
 #[derive(clap::Args)]
@@ -181,6 +381,13 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
 
 async fn run(cmd: Command) -> Result<ExitCode, CliError> {
     match cmd {
+        // Blocking (a build takes many minutes): off the async runtime's threads.
+        Command::Bench(b) => Ok(tokio::task::spawn_blocking(move || run_bench(b))
+            .await
+            .unwrap_or(ExitCode::FAILURE)),
+        Command::Kernel(k) => Ok(tokio::task::spawn_blocking(move || run_kernel(k))
+            .await
+            .unwrap_or(ExitCode::FAILURE)),
         Command::Serve(a) => {
             init_tracing();
             run_serve(a).await.map_err(CliError::Serve)?;

@@ -1,3 +1,17 @@
-//! Guest kernel and root image building (issues #5 and #8).
+//! Guest kernel and root image building (issues #4, #5 and #8).
 //!
-//! Not built yet: the process backend runs function code from a directory on the host.
+//! - [`kernel`]: our guest kernel (Debian's linux-source-6.1 + `kernel/patches` +
+//!   `kernel/config.fragment`), built on demand and cached by a hash of its inputs:
+//!   [`ensure_kernel`].
+//! - [`initramfs`]: uncompressed newc cpio archives.
+//! - [`test_init`]: the VM integration tests' static init and its initramfs.
+
+pub mod initramfs;
+pub mod kernel;
+pub mod test_init;
+
+pub use initramfs::Initramfs;
+pub use kernel::{
+    ensure_kernel, ensure_kernel_build, Flavour, KernelBuild, KernelError, KernelOptions,
+};
+pub use test_init::{build_test_init, test_initramfs};

@@ -96,9 +96,16 @@ pub fn compose_cmdline(config: &VmConfig, host: &HostKvm, devices: &[String]) ->
         },
     };
     let mut parts = vec![base];
-    let extra = host.guest_cmdline_extra();
+    let extra = host.guest_cmdline_extra(&parts[0]);
     if !extra.is_empty() {
         parts.push(extra);
+    }
+    if let Some(smp) = host.smp_cmdline(config.vcpus) {
+        tracing::warn!(
+            vcpus = config.vcpus,
+            "secondary vCPUs do not start on an emulating host; the guest gets `{smp}` and runs on one"
+        );
+        parts.push(smp.to_string());
     }
     parts.extend(devices.iter().cloned());
     parts.join(" ")

@@ -123,21 +123,37 @@ impl HostKvm {
     /// Kernel command-line switches for this host. On an emulating host: hide the CPU features
     /// its emulator cannot run in ring 0 and skip calibrations that cost seconds there
     /// (`dev-kvm.md`). On hardware KVM: nothing, as these would only cost performance.
-    pub fn guest_cmdline_extra(&self) -> String {
+    /// `base` is the rest of the command line: a console verbosity it sets (`loglevel=`,
+    /// `quiet`, `debug`) is left alone.
+    pub fn guest_cmdline_extra(&self, base: &str) -> String {
         match self.kind {
             KvmKind::Hardware => String::new(),
             KvmKind::Emulated => {
                 let mut s = String::from(
                     "noxsave nofsgsbase nopku \
                      clearcpuid=smap,smep,pcid,invpcid,rdrand,rdseed,popcnt,rdpid,umip,erms,fsrm \
-                     no_timer_check lpj=5000000 tsc=reliable rodata=off mitigations=off quiet",
+                     no_timer_check lpj=5000000 tsc=reliable rodata=off mitigations=off",
                 );
+                // Every console line costs ~10 ms of emulated kernel time here.
+                let sets_verbosity = base
+                    .split_whitespace()
+                    .any(|w| w == "quiet" || w == "debug" || w.starts_with("loglevel="));
+                if !sets_verbosity {
+                    s.push_str(" quiet");
+                }
                 if let Some(khz) = self.tsc_khz {
                     s.push_str(&format!(" tsc_early_khz={khz}"));
                 }
                 s
             }
         }
+    }
+
+    /// What the guest must be told about its vCPUs here. On an emulating host a secondary vCPU
+    /// never comes up (the kernel hangs at "Booting SMP configuration"; QEMU does the same on
+    /// such hosts), so only the boot vCPU is brought online (`maxcpus=1`) and the VMM warns.
+    pub fn smp_cmdline(&self, vcpus: u8) -> Option<&'static str> {
+        (self.kind == KvmKind::Emulated && vcpus > 1).then_some("maxcpus=1")
     }
 
     pub fn describe(&self) -> String {
@@ -164,11 +180,17 @@ mod tests {
     fn classification_thresholds() {
         let fast = classify(Duration::from_micros(30), Some(2_000_000));
         assert_eq!(fast.kind, KvmKind::Hardware);
-        assert!(fast.guest_cmdline_extra().is_empty());
+        assert!(fast.guest_cmdline_extra("").is_empty());
         let slow = classify(Duration::from_millis(12), Some(2_000_000));
         assert_eq!(slow.kind, KvmKind::Emulated);
-        assert!(slow.guest_cmdline_extra().contains("tsc_early_khz=2000000"));
-        assert!(slow.guest_cmdline_extra().contains("clearcpuid="));
+        let extra = slow.guest_cmdline_extra("console=ttyS0");
+        assert!(extra.contains("tsc_early_khz=2000000"));
+        assert!(extra.contains("clearcpuid="));
+        assert!(extra.split_whitespace().any(|w| w == "quiet"));
+        assert!(!slow.guest_cmdline_extra("loglevel=8").contains("quiet"));
+        assert_eq!(slow.smp_cmdline(2), Some("maxcpus=1"));
+        assert_eq!(slow.smp_cmdline(1), None);
+        assert_eq!(fast.smp_cmdline(4), None);
     }
 
     /// Runs the real probe when this machine has /dev/kvm (it does on our CI machines).
