@@ -1,0 +1,571 @@
+//! guest-init's logic as an ordinary process, no VM: the test plays the host over a Unix
+//! socket pair, the runtime is a shell `bootstrap` that drives the Runtime API with curl.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use guest_init::proto::{
+    self, read_message_async, write_message_async, Configure, Decoder, Hello, Invoke, Log, Message,
+    Ping, ProtoError, Role, RunAs, RuntimeKind, Shutdown, Stream,
+};
+use guest_init::{GuestInit, Mode, SessionEnd, SessionError};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A function environment on disk: the task root with its bootstrap, and a tmp dir.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// `prelude` runs once before the loop; `handle` for every event (`$RID` is the request
+    /// id, `$EVENT` the file holding the event).
+    fn shell(prelude: &str, handle: &str) -> Self {
+        let script = format!(
+            r#"#!/bin/sh
+set -u
+API="http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime"
+HDRS="$TMPDIR/headers"
+EVENT="$TMPDIR/event"
+{prelude}
+while true; do
+  curl -sf -D "$HDRS" -o "$EVENT" "$API/invocation/next" || exit 3
+  RID=$(grep -i '^lambda-runtime-aws-request-id:' "$HDRS" | cut -d' ' -f2 | tr -d '\r')
+  {handle}
+done
+"#
+        );
+        let f = Self::empty();
+        std::fs::write(f.task().join("bootstrap"), script).unwrap();
+        std::fs::set_permissions(
+            f.task().join("bootstrap"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        f
+    }
+
+    fn empty() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("task")).unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        Fixture { dir }
+    }
+
+    fn task(&self) -> std::path::PathBuf {
+        self.dir.path().join("task")
+    }
+
+    fn tmp(&self) -> std::path::PathBuf {
+        self.dir.path().join("tmp")
+    }
+
+    fn configure(&self) -> Configure {
+        let mut cfg = Configure {
+            function_name: "test-fn".into(),
+            function_version: "$LATEST".into(),
+            handler: "handler".into(),
+            memory_mb: 128,
+            timeout_ms: 3000,
+            region: "us-east-1".into(),
+            runtime: RuntimeKind::Provided,
+            task_root: self.task().display().to_string(),
+            environment: BTreeMap::new(),
+            init_timeout_ms: 20_000,
+            run_as: None,
+            hostname: None,
+            host_time_ms: None,
+        };
+        cfg.environment =
+            guest_init::env::lambda_variables(&cfg, &self.tmp().display().to_string(), "s");
+        cfg.environment.insert("MY_VAR".into(), "from-user".into());
+        cfg
+    }
+}
+
+const ECHO: &str = r#"curl -sf -X POST --data-binary @"$EVENT" -H 'Content-Type: application/octet-stream' "$API/invocation/$RID/response" >/dev/null"#;
+
+/// The test's side of the connection.
+struct Host {
+    stream: UnixStream,
+    dec: Decoder,
+    /// Every message received, Logs included, in order.
+    seen: Vec<Message>,
+}
+
+impl Host {
+    async fn send(&mut self, m: Message) {
+        write_message_async(&mut self.stream, &m).await.unwrap();
+    }
+
+    /// The next message that is not a Log.
+    async fn recv(&mut self) -> Message {
+        loop {
+            let m = self.recv_any().await.unwrap();
+            if !matches!(m, Message::Log(_)) {
+                return m;
+            }
+        }
+    }
+
+    async fn recv_any(&mut self) -> Result<Message, ProtoError> {
+        let m = tokio::time::timeout(WAIT, read_message_async(&mut self.stream, &mut self.dec))
+            .await
+            .expect("guest-init said nothing for 30 s")?;
+        self.seen.push(m.clone());
+        Ok(m)
+    }
+
+    /// Reads until the guest closes the connection.
+    async fn drain(&mut self) {
+        while self.recv_any().await.is_ok() {}
+    }
+
+    async fn handshake(&mut self) {
+        let hello = self.recv().await;
+        proto::expect_hello(hello, Role::Guest).unwrap();
+        self.send(Message::Hello(Hello::new(Role::Host))).await;
+    }
+
+    fn logs(&self, stream: Stream) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter_map(|m| match m {
+                Message::Log(l) if l.stream == stream => {
+                    Some(String::from_utf8_lossy(&l.line).into_owned())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+type Session = JoinHandle<Result<SessionEnd, SessionError>>;
+
+fn start_with(init: GuestInit) -> (Host, Session) {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let session = tokio::spawn(async move { init.run_session(guest).await });
+    let host = Host {
+        stream: host,
+        dec: Decoder::new(),
+        seen: Vec::new(),
+    };
+    (host, session)
+}
+
+fn start() -> (Host, Session) {
+    let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    start_with(GuestInit::new(Mode::Process).with_api_addr(any_port))
+}
+
+/// Handshake, Configure, and the Ready that follows.
+async fn start_ready(f: &Fixture) -> (Host, Session) {
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(f.configure()))).await;
+    match host.recv().await {
+        Message::Ready(r) => assert!(r.init_duration_us > 0),
+        other => panic!("expected Ready, got {other:?}"),
+    }
+    (host, session)
+}
+
+fn invoke(request_id: &str, payload: impl Into<Bytes>) -> Message {
+    Message::Invoke(Box::new(Invoke {
+        request_id: request_id.into(),
+        invocation_id: format!("inv-{request_id}"),
+        deadline_ms: 4_000_000_000_000,
+        function_arn: "arn:aws:lambda:us-east-1:000000000000:function:test-fn".into(),
+        trace_id: Some("Root=1-00000000-000000000000000000000000".into()),
+        client_context: None,
+        cognito_identity: None,
+        tenant_id: None,
+        content_type: "application/json".into(),
+        payload: payload.into(),
+    }))
+}
+
+async fn shutdown(mut host: Host, session: Session) -> Host {
+    host.send(Message::Shutdown(Shutdown {
+        reason: "spindown".into(),
+        grace_ms: 2000,
+    }))
+    .await;
+    host.drain().await;
+    let end = tokio::time::timeout(WAIT, session)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(end.reason, "spindown");
+    host
+}
+
+#[tokio::test]
+async fn invocations_carry_raw_bytes_both_ways() {
+    let f = Fixture::shell(
+        r#"echo "init: $MY_VAR $AWS_LAMBDA_FUNCTION_NAME"; echo "to stderr" >&2"#,
+        ECHO,
+    );
+    let (mut host, session) = start_ready(&f).await;
+    host.send(Message::Ping(Ping { seq: 41 })).await;
+    assert!(matches!(host.recv().await, Message::Pong(p) if p.seq == 41));
+    // Every byte value, newlines and NULs included: no base64 anywhere.
+    let event: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    for id in ["req-1", "req-2"] {
+        host.send(invoke(id, event.clone())).await;
+        match host.recv().await {
+            Message::Response(r) => {
+                assert_eq!(r.request_id, id);
+                assert_eq!(r.content_type.as_deref(), Some("application/octet-stream"));
+                assert_eq!(r.payload.len(), event.len());
+                assert!(r.payload == event);
+            }
+            other => panic!("expected a Response, got {other:?}"),
+        }
+    }
+    let host = shutdown(host, session).await;
+    assert!(host
+        .logs(Stream::Stdout)
+        .contains(&"init: from-user test-fn".to_string()));
+    assert!(host.logs(Stream::Stderr).contains(&"to stderr".to_string()));
+}
+
+#[tokio::test]
+async fn function_error_is_reported_with_its_type_and_body() {
+    let f = Fixture::shell(
+        "",
+        r#"curl -sf -X POST -H 'Lambda-Runtime-Function-Error-Type: Function.MyError' -d '{"errorMessage":"boom","errorType":"MyError","errorCause":{}}' "$API/invocation/$RID/error" >/dev/null"#,
+    );
+    let (mut host, session) = start_ready(&f).await;
+    host.send(invoke("req-err", "{}")).await;
+    match host.recv().await {
+        Message::FunctionError(e) => {
+            assert_eq!(e.request_id, "req-err");
+            assert_eq!(e.error_type, "Function.MyError");
+            let body: serde_json::Value = serde_json::from_slice(&e.body).unwrap();
+            assert_eq!(body["errorMessage"], "boom");
+            assert!(body.get("errorCause").is_none());
+        }
+        other => panic!("expected a FunctionError, got {other:?}"),
+    }
+    shutdown(host, session).await;
+}
+
+#[tokio::test]
+async fn init_error_then_runtime_exit() {
+    let f = Fixture::shell(
+        r#"curl -sf -X POST -H 'Lambda-Runtime-Function-Error-Type: Runtime.ImportModuleError' -d '{"errorMessage":"no module named app"}' "$API/init/error" >/dev/null; exit 1"#,
+        ECHO,
+    );
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(f.configure()))).await;
+    match host.recv().await {
+        Message::InitError(e) => {
+            assert_eq!(e.error_type, "Runtime.ImportModuleError");
+            let body: serde_json::Value = serde_json::from_slice(&e.body).unwrap();
+            assert_eq!(body["errorMessage"], "no module named app");
+        }
+        other => panic!("expected InitError, got {other:?}"),
+    }
+    match host.recv().await {
+        Message::RuntimeExit(x) => {
+            assert_eq!(x.request_id, None);
+            assert_eq!(x.exit_code, Some(1));
+            assert_eq!(x.description, "exit status 1");
+        }
+        other => panic!("expected RuntimeExit, got {other:?}"),
+    }
+    // The dead environment still answers, and still shuts down cleanly.
+    host.send(invoke("late", "{}")).await;
+    assert!(
+        matches!(host.recv().await, Message::RuntimeExit(x) if x.request_id.as_deref() == Some("late"))
+    );
+    shutdown(host, session).await;
+}
+
+#[tokio::test]
+async fn runtime_crash_during_an_invocation() {
+    let f = Fixture::shell("", "echo dying; exit 42");
+    let (mut host, session) = start_ready(&f).await;
+    host.send(invoke("req-crash", "{}")).await;
+    match host.recv().await {
+        Message::RuntimeExit(x) => {
+            assert_eq!(x.request_id.as_deref(), Some("req-crash"));
+            assert_eq!(x.exit_code, Some(42));
+            assert_eq!(x.description, "exit status 42");
+        }
+        other => panic!("expected RuntimeExit, got {other:?}"),
+    }
+    let host = shutdown(host, session).await;
+    assert!(host.logs(Stream::Stdout).contains(&"dying".to_string()));
+}
+
+#[tokio::test]
+async fn missing_or_unusable_bootstrap_is_an_init_error() {
+    let f = Fixture::empty();
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(f.configure()))).await;
+    match host.recv().await {
+        Message::InitError(e) => {
+            assert_eq!(e.error_type, "Runtime.InvalidEntrypoint");
+            assert!(String::from_utf8_lossy(&e.body).contains("bootstrap"));
+        }
+        other => panic!("expected InitError, got {other:?}"),
+    }
+    host.send(invoke("r", "{}")).await;
+    assert!(
+        matches!(host.recv().await, Message::FunctionError(e) if e.error_type == "Runtime.InvalidEntrypoint")
+    );
+    shutdown(host, session).await;
+
+    // There but not executable.
+    let f = Fixture::empty();
+    std::fs::write(f.task().join("bootstrap"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        f.task().join("bootstrap"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(f.configure()))).await;
+    match host.recv().await {
+        Message::InitError(e) => {
+            assert_eq!(e.error_type, "Runtime.InvalidEntrypoint");
+            assert!(String::from_utf8_lossy(&e.body).contains("fork/exec"));
+        }
+        other => panic!("expected InitError, got {other:?}"),
+    }
+    shutdown(host, session).await;
+}
+
+#[tokio::test]
+async fn init_timeout_kills_the_runtime() {
+    let f = Fixture::shell("sleep 30", ECHO);
+    let (mut host, session) = start();
+    host.handshake().await;
+    let cfg = Configure {
+        init_timeout_ms: 300,
+        ..f.configure()
+    };
+    host.send(Message::Configure(Box::new(cfg))).await;
+    assert!(matches!(host.recv().await, Message::InitTimeout(t) if t.after_ms == 300));
+    match host.recv().await {
+        Message::RuntimeExit(x) => assert_eq!(x.description, "signal: killed"),
+        other => panic!("expected RuntimeExit, got {other:?}"),
+    }
+    shutdown(host, session).await;
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+async fn read_pid(f: &Fixture) -> i32 {
+    let path = f.tmp().join("pid");
+    for _ in 0..100 {
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            if let Ok(pid) = s.trim().parse() {
+                return pid;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the bootstrap wrote no pid");
+}
+
+#[tokio::test]
+async fn broken_host_connection_ends_the_session_and_kills_the_runtime() {
+    let f = Fixture::shell(r#"echo $$ > "$TMPDIR/pid""#, ECHO);
+    let (host, session) = start_ready(&f).await;
+    let pid = read_pid(&f).await;
+    assert!(pid_alive(pid));
+    drop(host);
+    let result = tokio::time::timeout(WAIT, session).await.unwrap().unwrap();
+    match result {
+        Err(e @ SessionError::Host(ProtoError::Closed)) => assert!(!e.reportable()),
+        other => panic!("expected a closed connection, got {other:?}"),
+    }
+    assert!(!pid_alive(pid), "the runtime outlived the session");
+}
+
+#[tokio::test]
+async fn host_vanishing_mid_invocation_does_not_hang() {
+    let f = Fixture::shell(r#"echo $$ > "$TMPDIR/pid""#, "sleep 60");
+    let (mut host, session) = start_ready(&f).await;
+    let pid = read_pid(&f).await;
+    host.send(invoke("stuck", "{}")).await;
+    // Half a frame, then gone.
+    let frame = proto::encode(&Message::Ping(Ping { seq: 1 })).unwrap();
+    host.stream.write_all(&frame[..6]).await.unwrap();
+    drop(host);
+    let result = tokio::time::timeout(WAIT, session).await.unwrap().unwrap();
+    assert!(
+        matches!(result, Err(SessionError::Host(ProtoError::Truncated))),
+        "{result:?}"
+    );
+    assert!(!pid_alive(pid));
+}
+
+#[tokio::test]
+async fn shutdown_sends_sigterm_first() {
+    let f = Fixture::shell(
+        r#"echo $$ > "$TMPDIR/pid"; trap 'echo got-term; exit 0' TERM"#,
+        ECHO,
+    );
+    let (host, session) = start_ready(&f).await;
+    let pid = read_pid(&f).await;
+    let host = shutdown(host, session).await;
+    assert!(
+        host.logs(Stream::Stdout).contains(&"got-term".to_string()),
+        "{:?}",
+        host.seen
+    );
+    assert!(!pid_alive(pid));
+}
+
+#[tokio::test]
+async fn version_mismatch_is_reported_as_fatal() {
+    let (mut host, session) = start();
+    let _ = host.recv().await; // the guest's Hello
+    host.send(Message::Hello(Hello {
+        protocol_version: 99,
+        role: Role::Host,
+        software: "kindling 9.0".into(),
+    }))
+    .await;
+    match host.recv().await {
+        Message::Fatal(f) => {
+            assert!(f.message.contains("version mismatch"), "{}", f.message);
+            assert!(f.message.contains("kindling 9.0"), "{}", f.message);
+        }
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+    let result = tokio::time::timeout(WAIT, session).await.unwrap().unwrap();
+    assert!(matches!(
+        result,
+        Err(SessionError::Host(ProtoError::VersionMismatch {
+            theirs: 99,
+            ..
+        }))
+    ));
+}
+
+#[tokio::test]
+async fn protocol_violations_are_fatal() {
+    // An Invoke before Configure.
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(invoke("early", "{}")).await;
+    assert!(matches!(host.recv().await, Message::Fatal(f) if f.message.contains("Invoke")));
+    let result = tokio::time::timeout(WAIT, session).await.unwrap().unwrap();
+    assert!(matches!(
+        result,
+        Err(SessionError::Unexpected { got: "Invoke", .. })
+    ));
+
+    // An absurd frame length.
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.stream
+        .write_all(&u32::MAX.to_le_bytes())
+        .await
+        .unwrap();
+    assert!(matches!(host.recv().await, Message::Fatal(f) if f.message.contains("over the limit")));
+    let result = tokio::time::timeout(WAIT, session).await.unwrap().unwrap();
+    assert!(matches!(
+        result,
+        Err(SessionError::Host(ProtoError::FrameTooLarge { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn shutdown_before_configure() {
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Ping(Ping { seq: 1 })).await;
+    assert!(matches!(host.recv().await, Message::Pong(p) if p.seq == 1));
+    shutdown(host, session).await;
+}
+
+#[tokio::test]
+async fn long_log_lines_are_cut() {
+    let f = Fixture::shell(
+        "printf 'aaaaaaaaaabbbbbbbbbbccccc\\nshort\\nno-newline'",
+        ECHO,
+    );
+    let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (mut host, session) = start_with(
+        GuestInit::new(Mode::Process)
+            .with_api_addr(any_port)
+            .with_max_log_line(10),
+    );
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(f.configure()))).await;
+    assert!(matches!(host.recv().await, Message::Ready(_)));
+    let host = shutdown(host, session).await;
+    let lines: Vec<(String, bool)> = host
+        .seen
+        .iter()
+        .filter_map(|m| match m {
+            Message::Log(Log {
+                stream: Stream::Stdout,
+                partial,
+                line,
+            }) => Some((String::from_utf8_lossy(line).into_owned(), *partial)),
+            _ => None,
+        })
+        .collect();
+    let expect = |s: &str, p| (s.to_string(), p);
+    assert_eq!(
+        lines,
+        vec![
+            expect("aaaaaaaaaa", true),
+            expect("bbbbbbbbbb", true),
+            expect("ccccc", false),
+            expect("short", false),
+            expect("no-newline", true),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn runtime_runs_as_the_configured_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to change users");
+        return;
+    }
+    let f = Fixture::shell(r#"echo "ids $(id -u) $(id -g)""#, ECHO);
+    for dir in [f.dir.path(), &f.task()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(f.tmp(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (mut host, session) = start();
+    host.handshake().await;
+    let cfg = Configure {
+        run_as: Some(RunAs::LAMBDA),
+        ..f.configure()
+    };
+    host.send(Message::Configure(Box::new(cfg))).await;
+    assert!(matches!(host.recv().await, Message::Ready(_)));
+    host.send(invoke("as-user", "{\"a\":1}")).await;
+    assert!(matches!(host.recv().await, Message::Response(r) if r.payload == "{\"a\":1}"));
+    let host = shutdown(host, session).await;
+    assert!(
+        host.logs(Stream::Stdout)
+            .contains(&"ids 993 990".to_string()),
+        "{:?}",
+        host.logs(Stream::Stdout)
+    );
+}
