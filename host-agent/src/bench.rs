@@ -65,7 +65,7 @@ pub enum BenchError {
     #[error("guest kernel: {0}")]
     Kernel(#[from] rootfs::KernelError),
     #[error("test init: {0}")]
-    Init(#[from] rootfs::test_init::TestInitError),
+    Init(#[from] rootfs::static_bin::StaticBuildError),
     #[error("{0}")]
     Io(String),
     #[error("run {run}: {msg}")]

@@ -281,6 +281,15 @@ struct ServeArgs {
     /// Do not deploy the bundled example functions.
     #[arg(long)]
     no_examples: bool,
+    /// microvm backend: the kindling-vmm binary (default: beside this one).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// microvm backend: a static guest-init binary (default: built from the workspace).
+    #[arg(long, env = "KINDLING_GUEST_INIT")]
+    guest_init: Option<PathBuf>,
+    /// microvm backend: seconds from VMM start until the guest must have connected.
+    #[arg(long, default_value_t = 120)]
+    boot_timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -368,6 +377,9 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         max_environments: a.max_environments.max(1),
         init_timeout: Duration::from_secs(a.init_timeout.max(1)),
         deploy_examples: !a.no_examples,
+        vmm: a.vmm,
+        guest_init: a.guest_init,
+        boot_timeout: Duration::from_secs(a.boot_timeout.max(1)),
     };
     serve::run(
         cfg,

@@ -37,12 +37,18 @@ pub struct ServeConfig {
     pub max_environments: usize,
     pub init_timeout: Duration,
     pub deploy_examples: bool,
+    /// microvm backend: `kindling-vmm` (default: beside this executable).
+    pub vmm: Option<PathBuf>,
+    /// microvm backend: a static guest-init (default: built from the workspace).
+    pub guest_init: Option<PathBuf>,
+    /// microvm backend: from VMM start to the guest's connection.
+    pub boot_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("the microvm backend is not available yet (the VMM is issue #4, guest-init #5); use --backend process")]
-    MicrovmUnavailable,
+    #[error("the microvm backend cannot start: {0}")]
+    Microvm(String),
     #[error("data dir {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -76,11 +82,12 @@ fn choose_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
         source,
     };
     match cfg.backend {
-        BackendKind::Microvm => Err(ServeError::MicrovmUnavailable),
+        BackendKind::Microvm => microvm_backend(cfg),
         BackendKind::Auto | BackendKind::Process => {
             if cfg.backend == BackendKind::Auto {
                 tracing::info!(
-                    "backend auto: using process (the microvm backend is not built yet)"
+                    "backend auto: using process (the microvm backend runs only static provided.* \
+                     functions so far; pass --backend microvm to use it)"
                 );
             }
             tracing::warn!(
@@ -91,6 +98,44 @@ fn choose_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
             Ok(Arc::new(b))
         }
     }
+}
+
+fn microvm_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
+    use crate::sandbox::microvm::{MicrovmBackend, MicrovmConfig};
+    let fail = |m: String| ServeError::Microvm(m);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| fail(format!("/dev/kvm: {e}")))?;
+    let vmm = match &cfg.vmm {
+        Some(v) => v.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|p| p.join("kindling-vmm")))
+            .filter(|p| p.is_file())
+            .ok_or_else(|| fail("kindling-vmm not found beside kindling; pass --vmm".into()))?,
+    };
+    tracing::info!(
+        "microvm backend: getting the guest kernel (built on first use, several minutes)"
+    );
+    let kernel = rootfs::ensure_kernel(rootfs::KernelOptions::default())
+        .map_err(|e| fail(format!("guest kernel: {e}")))?;
+    let guest_init = match &cfg.guest_init {
+        Some(g) => g.clone(),
+        None => rootfs::static_bin::build("guest-init", "guest-init")
+            .map_err(|e| fail(format!("guest-init: {e}")))?,
+    };
+    let b = MicrovmBackend::new(MicrovmConfig {
+        vmm,
+        kernel,
+        guest_init,
+        envs_dir: cfg.data_dir.join("vms"),
+        images_dir: cfg.data_dir.join("images"),
+        boot_timeout: cfg.boot_timeout,
+    })
+    .map_err(|e| fail(e.to_string()))?;
+    Ok(Arc::new(b))
 }
 
 /// Runs the agent until `shutdown` resolves; `on_listen` gets the bound address.

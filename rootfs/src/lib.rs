@@ -4,10 +4,12 @@
 //!   `kernel/config.fragment`), built on demand and cached by a hash of its inputs:
 //!   [`ensure_kernel`].
 //! - [`initramfs`]: uncompressed newc cpio archives.
+//! - [`static_bin`]: static builds of guest binaries (guest-init, the test init, examples).
 //! - [`test_init`]: the VM integration tests' static init and its initramfs.
 
 pub mod initramfs;
 pub mod kernel;
+pub mod static_bin;
 pub mod test_init;
 
 pub use initramfs::Initramfs;

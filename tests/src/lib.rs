@@ -56,6 +56,8 @@ pub struct AgentOptions {
     pub max_environments: Option<usize>,
     /// `--init-timeout` in seconds.
     pub init_timeout: Option<u64>,
+    /// More `kindling serve` arguments.
+    pub extra_args: Vec<String>,
     pub data_dir: Option<PathBuf>,
 }
 
@@ -89,6 +91,7 @@ impl Agent {
         if !opts.examples {
             cmd.arg("--no-examples");
         }
+        cmd.args(&opts.extra_args);
         if let Some(n) = opts.init_timeout {
             cmd.args(["--init-timeout", &n.to_string()]);
         }

@@ -1,14 +1,22 @@
 //! `echo-rust`: answers with the event it got, the request id and the function name, so a
 //! caller can see the whole round trip through the `lambda_runtime` client.
 //!
-//! An event with `"fail": "<message>"` makes the handler return an error of type
-//! `EchoFailure`, to exercise Lambda's function-error path.
+//! Knobs in the event, to exercise the platform's error paths:
+//! - `"fail": "<message>"`: the handler returns an error of type `EchoFailure`;
+//! - `"exit": <code>`: the process exits with that code mid-invocation (`Runtime.ExitError`);
+//! - `"sleep_ms": <n>`: the handler sleeps first (past the timeout: `Sandbox.Timedout`).
 
 use lambda_runtime::{service_fn, Diagnostic, Error, LambdaEvent};
 use serde_json::{json, Value};
 
 async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
     let (payload, ctx) = event.into_parts();
+    if let Some(ms) = payload.get("sleep_ms").and_then(Value::as_u64) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    if let Some(code) = payload.get("exit").and_then(Value::as_i64) {
+        std::process::exit(code as i32);
+    }
     if let Some(msg) = payload.get("fail").and_then(Value::as_str) {
         return Err(Diagnostic {
             error_type: "EchoFailure".into(),

@@ -3,6 +3,7 @@
 //! A sandbox runs one function's runtime and serves one invocation at a time. The pool
 //! (`crate::pool`) decides when to start, reuse or stop one; the backend decides how.
 
+pub mod microvm;
 pub mod process;
 
 use std::path::PathBuf;

@@ -1,29 +1,26 @@
-//! Building the static `guest-init` binary the guest runs.
-//!
-//! The command it runs (from the workspace root):
-//! ```text
-//! RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
-//!   cargo build --release -p guest-init --bin guest-init \
-//!   --target x86_64-unknown-linux-gnu --target-dir target/guest-init
-//! ```
-//! giving `target/guest-init/x86_64-unknown-linux-gnu/release/guest-init`. The explicit
-//! `--target` keeps build scripts dynamic; the own target directory keeps the flag change
-//! from invalidating the workspace's normal build.
+//! Static binaries for the guest (`guest-init`, the VM tests' init, example functions): built
+//! with `-C target-feature=+crt-static` for an explicit `--target`, so that build scripts and
+//! proc macros stay dynamic, into one target directory of their own (`target/static`), so the
+//! flag change does not invalidate the workspace's normal build.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The Rust target guest-init is built for.
+/// The Rust target guest binaries are built for.
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 #[derive(Debug, thiserror::Error)]
-pub enum BuildError {
+pub enum StaticBuildError {
     #[error("cannot run cargo ({cargo}): {source}")]
     Spawn { cargo: String, source: io::Error },
-    #[error("building guest-init failed ({status}); run: {command}")]
-    Build { status: String, command: String },
+    #[error("building {bin} failed ({status}); run: {command}")]
+    Build {
+        bin: String,
+        status: String,
+        command: String,
+    },
     #[error("{} is not a static executable (it has an ELF interpreter)", .0.display())]
     NotStatic(PathBuf),
     #[error("{context}: {source}")]
@@ -36,25 +33,31 @@ pub fn workspace_dir() -> PathBuf {
     me.parent().unwrap_or(me).to_path_buf()
 }
 
-/// Builds guest-init statically (release, stripped) and returns the binary's path, after
-/// checking that it has no ELF interpreter. Slow the first time (a build of its own).
-pub fn build_static() -> Result<PathBuf, BuildError> {
+/// Builds binary `bin` of workspace package `package` statically (release, stripped: the
+/// guest kernel copies every byte of an initramfs, emulated on some hosts) and returns its
+/// path, after checking it has no ELF interpreter. Slow the first time.
+pub fn build(package: &str, bin: &str) -> Result<PathBuf, StaticBuildError> {
     let workspace = workspace_dir();
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"))
-        .join("guest-init");
+        .join("static");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(&cargo);
-    cmd.current_dir(&workspace)
+    let command = format!(
+        "RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' {cargo} build --release -p {package} \
+         --bin {bin} --target {TARGET} --target-dir {}",
+        target_dir.display()
+    );
+    let status = Command::new(&cargo)
+        .current_dir(&workspace)
         .args([
             "build",
             "--release",
             "--quiet",
             "-p",
-            "guest-init",
+            package,
             "--bin",
-            "guest-init",
+            bin,
             "--target",
             TARGET,
             "--target-dir",
@@ -65,31 +68,28 @@ pub fn build_static() -> Result<PathBuf, BuildError> {
             "CARGO_ENCODED_RUSTFLAGS",
             "-Ctarget-feature=+crt-static\x1f-Cstrip=symbols",
         )
-        .env("RUSTFLAGS", "-Ctarget-feature=+crt-static -Cstrip=symbols");
-    let command = format!(
-        "RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' {cargo} build --release \
-         -p guest-init --bin guest-init --target {TARGET} --target-dir {}",
-        target_dir.display()
-    );
-    let status = cmd.status().map_err(|source| BuildError::Spawn {
-        cargo: cargo.clone(),
-        source,
-    })?;
+        .env("RUSTFLAGS", "-Ctarget-feature=+crt-static -Cstrip=symbols")
+        .status()
+        .map_err(|source| StaticBuildError::Spawn {
+            cargo: cargo.clone(),
+            source,
+        })?;
     if !status.success() {
-        return Err(BuildError::Build {
+        return Err(StaticBuildError::Build {
+            bin: bin.to_string(),
             status: status.to_string(),
             command,
         });
     }
-    let bin = target_dir.join(TARGET).join("release").join("guest-init");
-    let bytes = fs::read(&bin).map_err(|source| BuildError::Io {
-        context: format!("read {}", bin.display()),
+    let path = target_dir.join(TARGET).join("release").join(bin);
+    let bytes = fs::read(&path).map_err(|source| StaticBuildError::Io {
+        context: format!("read {}", path.display()),
         source,
     })?;
     if elf_has_interpreter(&bytes) != Some(false) {
-        return Err(BuildError::NotStatic(bin));
+        return Err(StaticBuildError::NotStatic(path));
     }
-    Ok(bin)
+    Ok(path)
 }
 
 /// Whether a 64-bit little-endian ELF has a PT_INTERP program header (is dynamically
@@ -119,18 +119,18 @@ mod tests {
 
     #[test]
     fn interpreter_detection() {
-        // Test binaries are dynamically linked (the workspace does not use crt-static).
+        // This test binary is dynamically linked (the workspace does not use crt-static).
         let me = fs::read(std::env::current_exe().unwrap()).unwrap();
         assert_eq!(elf_has_interpreter(&me), Some(true));
         assert_eq!(elf_has_interpreter(b"not an elf"), None);
-        assert_eq!(elf_has_interpreter(&me[..63]), None);
+        assert_eq!(elf_has_interpreter(b"\x7fELF\x02\x01 truncated"), None);
     }
 
-    /// The real static build (a nested cargo build: slow, so not by default).
+    /// A nested cargo build: slow the first time. The VM tests run it for real.
     #[test]
     #[ignore = "runs a nested cargo build"]
     fn builds_a_static_binary() {
-        let bin = build_static().unwrap();
+        let bin = build("guest-test-init", "guest-test-init").unwrap();
         assert_eq!(elf_has_interpreter(&fs::read(bin).unwrap()), Some(false));
     }
 }

@@ -1,0 +1,489 @@
+//! The microVM backend: each environment is a `kindling-vmm` process booting our guest kernel
+//! with `guest-init` as PID 1, the function's code at `/var/task`, and one vsock stream that
+//! carries the host-guest protocol (`guest_init::proto`).
+//!
+//! Start: build (once per function revision) an initramfs holding guest-init and the code;
+//! bind the vsock listener `<env>/v.sock_9999`; spawn the VMM; accept the guest's connection
+//! (the boot limit covers a slow, emulating host); Hello both ways; Configure; wait for Ready,
+//! InitError or InitTimeout. Invoke: one Invoke frame, then frames until the answer for that
+//! request (runtime output arrives as Log frames on the way), bounded by the deadline: past it
+//! the VM is killed and the caller gets `Sandbox.Timedout`. Stop: Shutdown, then the VMM
+//! process is killed if it is still there, and the environment directory removed.
+//!
+//! What it does not have yet: root images (ext4/erofs) and base images, so only `provided.*`
+//! functions whose `bootstrap` is statically linked can run; Python needs the python3.11 base
+//! image (issue #5). Each environment boots from scratch (snapshots are issue #6).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use guest_init::proto::{self, Configure, Decoder, Hello, Message, Role, RunAs, RuntimeKind};
+use rapid_api::{ErrorReport, InvokeOutcome};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::{Child, Command};
+
+use super::{Backend, EnvSpec, InvokeRequest, Sandbox, StartError};
+use crate::functions::{Function, Runtime};
+
+/// Where the function's code is inside the guest.
+const TASK_ROOT: &str = "/var/task";
+/// The unprivileged user the runtime runs as (Lambda's sbx_user1051 has uid 993).
+const RUNTIME_UID: u32 = 993;
+const RUNTIME_GID: u32 = 990;
+/// The guest CID every environment uses (each VM has its own vsock device and socket).
+const GUEST_CID: u64 = 3;
+
+/// What the backend needs from the host.
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    /// A static `guest-init`.
+    pub guest_init: PathBuf,
+    /// Per-environment directories (emptied at start).
+    pub envs_dir: PathBuf,
+    /// Initramfs images per function revision.
+    pub images_dir: PathBuf,
+    /// From VMM spawn to the guest's connection.
+    pub boot_timeout: Duration,
+}
+
+pub struct MicrovmBackend {
+    cfg: MicrovmConfig,
+}
+
+impl MicrovmBackend {
+    pub fn new(cfg: MicrovmConfig) -> std::io::Result<Self> {
+        if cfg.envs_dir.exists() {
+            std::fs::remove_dir_all(&cfg.envs_dir)?;
+        }
+        std::fs::create_dir_all(&cfg.envs_dir)?;
+        std::fs::create_dir_all(&cfg.images_dir)?;
+        Ok(MicrovmBackend { cfg })
+    }
+
+    /// The initramfs for this function revision, built when missing.
+    fn ensure_image(&self, f: &Function) -> Result<PathBuf, StartError> {
+        let dir = self.cfg.images_dir.join(&f.config.function_name);
+        let path = dir.join(format!("{}.cpio", f.config.revision_id));
+        if path.is_file() {
+            return Ok(path);
+        }
+        if Runtime::parse(&f.config.runtime) != Some(Runtime::Provided) {
+            return Err(StartError::Host(format!(
+                "the microvm backend cannot run {} yet: it needs the {0} base image (issue #5); use --backend process",
+                f.config.runtime
+            )));
+        }
+        let bootstrap = f.code_dir.join("bootstrap");
+        match std::fs::read(&bootstrap) {
+            Err(_) => {
+                return Err(StartError::Function(ErrorReport::platform(
+                    "Runtime.InvalidEntrypoint",
+                    format!("Couldn't find valid bootstrap(s): [{TASK_ROOT}/bootstrap]"),
+                )))
+            }
+            Ok(bytes) if rootfs::static_bin::elf_has_interpreter(&bytes) == Some(true) => {
+                return Err(StartError::Function(ErrorReport::platform(
+                    "Runtime.InvalidEntrypoint",
+                    "the bootstrap is dynamically linked, and the microVM has no base image with a C library \
+                     yet: build it statically (e.g. RUSTFLAGS='-C target-feature=+crt-static')",
+                )))
+            }
+            Ok(_) => {}
+        }
+        let init = std::fs::read(&self.cfg.guest_init).map_err(|e| {
+            StartError::Host(format!("guest-init {}: {e}", self.cfg.guest_init.display()))
+        })?;
+        let mut image = rootfs::Initramfs::new();
+        image
+            .dir("/dev", 0o755)
+            .char_dev("/dev/console", 0o600, 5, 1)
+            .char_dev("/dev/null", 0o666, 1, 3)
+            .dir("/proc", 0o555)
+            .dir("/sys", 0o555)
+            .dir("/tmp", 0o1777)
+            .dir("/var", 0o755)
+            .dir(TASK_ROOT, 0o755)
+            .file("/init", 0o755, init);
+        add_tree(&mut image, &f.code_dir, TASK_ROOT)
+            .map_err(|e| StartError::Host(format!("packing {}: {e}", f.code_dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| StartError::Host(e.to_string()))?;
+        let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+        image
+            .write_file(&tmp)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| StartError::Host(format!("writing {}: {e}", path.display())))?;
+        Ok(path)
+    }
+}
+
+/// Adds the files under `dir` to the image below `at` (modes kept, symlinks as they are).
+fn add_tree(image: &mut rootfs::Initramfs, dir: &Path, at: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let guest = format!("{at}/{name}");
+        let meta = std::fs::symlink_metadata(entry.path())?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(entry.path())?;
+            image.symlink(&guest, &target.to_string_lossy());
+        } else if meta.is_dir() {
+            image.dir(&guest, mode);
+            add_tree(image, &entry.path(), &guest)?;
+        } else if meta.is_file() {
+            image.file(&guest, mode, std::fs::read(entry.path())?);
+        }
+    }
+    Ok(())
+}
+
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn proto_err(what: &str) -> impl Fn(proto::ProtoError) -> StartError + '_ {
+    move |e| StartError::Host(format!("guest {what}: {e}"))
+}
+
+#[async_trait]
+impl Backend for MicrovmBackend {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    async fn start(&self, spec: EnvSpec) -> Result<Box<dyn Sandbox>, StartError> {
+        let f = spec.function.clone();
+        let image = {
+            let (this, f) = (
+                MicrovmBackend {
+                    cfg: self.cfg.clone(),
+                },
+                f.clone(),
+            );
+            tokio::task::spawn_blocking(move || this.ensure_image(&f))
+                .await
+                .map_err(|e| StartError::Host(e.to_string()))??
+        };
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let env_dir = self.cfg.envs_dir.join(&id);
+        std::fs::create_dir_all(&env_dir)
+            .map_err(|e| StartError::Host(format!("{}: {e}", env_dir.display())))?;
+        let uds = env_dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_{}", uds.display(), proto::HOST_PORT))
+            .map_err(|e| StartError::Host(format!("vsock listener: {e}")))?;
+        let serial = env_dir.join("serial.log");
+        let vm = serde_json::json!({
+            "kernel": self.cfg.kernel,
+            "initrd": image,
+            "cmdline": "reboot=k panic=1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce console=ttyS0",
+            "vcpus": 1,
+            "mem_mib": f.config.memory_size.max(128),
+            "vsock": {"guest_cid": GUEST_CID, "uds_path": uds},
+            "serial": {"file": serial},
+        });
+        let vm_json = env_dir.join("vm.json");
+        std::fs::write(&vm_json, vm.to_string()).map_err(|e| StartError::Host(e.to_string()))?;
+        let mut cmd = Command::new(&self.cfg.vmm);
+        cmd.arg("--config")
+            .arg(&vm_json)
+            .env("KINDLING_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(env_dir.join("vmm.log"))
+                    .map_err(|e| StartError::Host(e.to_string()))?,
+            ))
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: runs in the forked child before exec and only calls prctl (async-signal-safe);
+        // the VMM dies with the agent's spawning thread (a tokio worker, alive as long as it).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| StartError::Host(format!("spawning {}: {e}", self.cfg.vmm.display())))?;
+        let mut env = MicrovmSandbox {
+            id: id.clone(),
+            function: f.clone(),
+            child,
+            stream: None,
+            decoder: Decoder::new(),
+            env_dir,
+            broken: false,
+        };
+        let boot_start = Instant::now();
+
+        // The guest's connection means guest-init is up.
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted.map_err(|e| StartError::Host(format!("vsock accept: {e}")))?.0,
+            status = env.child.wait() => {
+                return Err(StartError::Host(format!(
+                    "the VMM exited during boot ({}); see {}",
+                    status.map(|s| s.to_string()).unwrap_or_default(),
+                    env.env_dir.join("vmm.log").display()
+                )))
+            }
+            _ = tokio::time::sleep(self.cfg.boot_timeout) => {
+                return Err(StartError::Host(format!(
+                    "the guest did not connect within {:?} of boot; see {}",
+                    self.cfg.boot_timeout,
+                    serial.display()
+                )))
+            }
+        };
+        tracing::debug!(function = %f.config.function_name, env = %id,
+            "guest connected {:.1} s after VMM start", boot_start.elapsed().as_secs_f64());
+        env.stream = Some(stream);
+        env.handshake(&spec).await?;
+        Ok(Box::new(env))
+    }
+}
+
+pub struct MicrovmSandbox {
+    id: String,
+    function: Arc<Function>,
+    child: Child,
+    stream: Option<UnixStream>,
+    decoder: Decoder,
+    env_dir: PathBuf,
+    broken: bool,
+}
+
+impl MicrovmSandbox {
+    async fn send(&mut self, m: &Message) -> Result<(), proto::ProtoError> {
+        match self.stream.as_mut() {
+            Some(s) => proto::write_message_async(s, m).await,
+            None => Err(proto::ProtoError::Closed),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<Message, proto::ProtoError> {
+        match self.stream.as_mut() {
+            Some(s) => proto::read_message_async(s, &mut self.decoder).await,
+            None => Err(proto::ProtoError::Closed),
+        }
+    }
+
+    fn log_line(&self, l: &proto::Log) {
+        tracing::info!(target: "kindling::function", function = %self.function.config.function_name,
+            env = %self.id, "{}", String::from_utf8_lossy(&l.line));
+    }
+
+    async fn handshake(&mut self, spec: &EnvSpec) -> Result<(), StartError> {
+        self.send(&Message::Hello(Hello::new(Role::Host)))
+            .await
+            .map_err(proto_err("hello"))?;
+        let hello = self.recv().await.map_err(proto_err("hello"))?;
+        proto::expect_hello(hello, Role::Guest).map_err(proto_err("hello"))?;
+        let c = &self.function.config;
+        let mut configure = Configure {
+            function_name: c.function_name.clone(),
+            function_version: c.version.clone(),
+            handler: c.handler.clone(),
+            memory_mb: c.memory_size,
+            timeout_ms: u64::from(c.timeout) * 1000,
+            region: spec.region.clone(),
+            runtime: RuntimeKind::Provided,
+            task_root: TASK_ROOT.into(),
+            environment: BTreeMap::new(),
+            init_timeout_ms: spec.init_timeout.as_millis() as u64,
+            run_as: Some(RunAs {
+                uid: RUNTIME_UID,
+                gid: RUNTIME_GID,
+            }),
+            hostname: Some(format!("kindling-{}", self.id)),
+            host_time_ms: Some(epoch_ms(SystemTime::now())),
+        };
+        let stream_name = format!(
+            "{}/[{}]{}",
+            chrono::Utc::now().format("%Y/%m/%d"),
+            c.version,
+            self.id
+        );
+        let mut environment = guest_init::env::lambda_variables(&configure, "/tmp", &stream_name);
+        if let Some(vars) = &c.environment {
+            environment.extend(vars.variables.clone());
+        }
+        configure.environment = environment;
+        self.send(&Message::Configure(Box::new(configure)))
+            .await
+            .map_err(proto_err("configure"))?;
+        // The host keeps its own init limit (the guest's is a backstop).
+        let limit = tokio::time::sleep(spec.init_timeout);
+        tokio::pin!(limit);
+        loop {
+            let msg = tokio::select! {
+                m = self.recv() => m.map_err(proto_err("init"))?,
+                _ = &mut limit => return Err(StartError::InitTimeout(spec.init_timeout)),
+            };
+            match msg {
+                Message::Ready(r) => {
+                    tracing::debug!(env = %self.id, "runtime ready after {} us", r.init_duration_us);
+                    return Ok(());
+                }
+                Message::Log(l) => self.log_line(&l),
+                Message::InitError(e) => {
+                    return Err(StartError::Function(ErrorReport::from_runtime(
+                        e.error_type,
+                        &e.body,
+                        None,
+                    )))
+                }
+                Message::InitTimeout(_) => return Err(StartError::InitTimeout(spec.init_timeout)),
+                Message::RuntimeExit(x) => {
+                    return Err(StartError::Function(ErrorReport::platform(
+                        "Runtime.ExitError",
+                        format!("Error: Runtime exited with error: {}", x.description),
+                    )))
+                }
+                Message::Fatal(f) => {
+                    return Err(StartError::Host(format!("guest-init: {}", f.message)))
+                }
+                other => {
+                    return Err(StartError::Host(format!(
+                        "guest sent {:?} during init",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Sandbox for MicrovmSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn invoke(&mut self, req: InvokeRequest, deadline: Instant) -> InvokeOutcome {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let invoke = proto::Invoke {
+            request_id: req.request_id.clone(),
+            invocation_id: uuid::Uuid::new_v4().to_string(),
+            deadline_ms: epoch_ms(SystemTime::now() + left),
+            function_arn: self.function.config.function_arn.clone(),
+            trace_id: Some(req.trace_id.clone()),
+            client_context: req.client_context.clone(),
+            cognito_identity: None,
+            tenant_id: None,
+            content_type: "application/json".into(),
+            payload: req.payload.clone(),
+        };
+        let failed = |this: &mut Self, kind: &str, msg: String| {
+            this.broken = true;
+            InvokeOutcome::Error(ErrorReport::platform(
+                kind,
+                format!("RequestId: {} Error: {msg}", req.request_id),
+            ))
+        };
+        if let Err(e) = self.send(&Message::Invoke(Box::new(invoke))).await {
+            return failed(
+                self,
+                "Runtime.Unknown",
+                format!("the environment is gone ({e})"),
+            );
+        }
+        let limit = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(limit);
+        loop {
+            let msg = tokio::select! {
+                m = self.recv() => m,
+                _ = &mut limit => {
+                    let timeout = self.function.config.timeout;
+                    return failed(self, "Sandbox.Timedout", format!("Task timed out after {timeout}.00 seconds"));
+                }
+            };
+            match msg {
+                Ok(Message::Log(l)) => self.log_line(&l),
+                Ok(Message::Response(r)) if r.request_id == req.request_id => {
+                    return InvokeOutcome::Response {
+                        body: r.payload,
+                        content_type: r.content_type,
+                    }
+                }
+                Ok(Message::FunctionError(e)) if e.request_id == req.request_id => {
+                    return InvokeOutcome::Error(ErrorReport::from_runtime(
+                        e.error_type,
+                        &e.body,
+                        e.xray_cause,
+                    ))
+                }
+                Ok(Message::RuntimeExit(x)) => {
+                    return failed(
+                        self,
+                        "Runtime.ExitError",
+                        format!("Runtime exited with error: {}", x.description),
+                    )
+                }
+                Ok(Message::Fatal(f)) => {
+                    return failed(
+                        self,
+                        "Runtime.Unknown",
+                        format!("guest-init failed: {}", f.message),
+                    )
+                }
+                Ok(Message::Pong(_)) => {}
+                Ok(other) => {
+                    return failed(
+                        self,
+                        "Runtime.Unknown",
+                        format!("unexpected {:?} from the guest", other.kind()),
+                    )
+                }
+                Err(e) => {
+                    return failed(
+                        self,
+                        "Runtime.Unknown",
+                        format!("the guest connection broke ({e})"),
+                    )
+                }
+            }
+        }
+    }
+
+    fn is_reusable(&self) -> bool {
+        !self.broken
+    }
+
+    async fn stop(mut self: Box<Self>) {
+        if !self.broken {
+            let bye = Message::Shutdown(proto::Shutdown {
+                reason: "spindown".into(),
+                grace_ms: 500,
+            });
+            if self.send(&bye).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+            }
+        }
+        // Drop kills whatever is left.
+    }
+}
+
+impl Drop for MicrovmSandbox {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let dir = std::mem::take(&mut self.env_dir);
+        if !dir.as_os_str().is_empty() {
+            std::thread::spawn(move || {
+                let _ = std::fs::remove_dir_all(&dir);
+            });
+        }
+    }
+}
