@@ -8,6 +8,7 @@
 //!   ordinary process ([`Mode::Process`], for tests and host-side debugging).
 //! - [`system`]: what only PID 1 does: mounts, loopback, host name, boot timer, power-off.
 //! - [`vsock`]: the guest's connection to the host.
+//!
 //! The static binary the guest runs is built by `rootfs::static_bin::build`.
 
 pub mod env;
