@@ -103,11 +103,7 @@ fn choose_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
 fn microvm_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
     use crate::sandbox::microvm::{MicrovmBackend, MicrovmConfig};
     let fail = |m: String| ServeError::Microvm(m);
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map_err(|e| fail(format!("/dev/kvm: {e}")))?;
+    vmm::host::kvm_usable().map_err(|e| fail(format!("/dev/kvm: {e}")))?;
     let vmm = match &cfg.vmm {
         Some(v) => v.clone(),
         None => std::env::current_exe()

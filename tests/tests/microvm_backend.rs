@@ -10,12 +10,8 @@ use kindling_tests::{zip, Agent, AgentOptions};
 use serde_json::json;
 
 fn have_kvm() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
+    match vmm::host::kvm_usable() {
+        Ok(()) => true,
         Err(e) => {
             eprintln!("SKIPPED microvm backend test: /dev/kvm is not usable here ({e})");
             false

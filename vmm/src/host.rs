@@ -33,6 +33,15 @@ pub struct HostKvm {
     pub tsc_khz: Option<u32>,
 }
 
+/// Whether `/dev/kvm` can be opened for reading and writing (what the VMM needs).
+pub fn kvm_usable() -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+}
+
 const PROBE_ITERATIONS: u32 = 10_000;
 /// Instructions the probe loop executes (a `dec` and a `jnz` per iteration).
 const PROBE_INSTRUCTIONS: u32 = PROBE_ITERATIONS * 2;

@@ -16,12 +16,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 fn have_kvm() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
+    match vmm::host::kvm_usable() {
+        Ok(()) => true,
         Err(e) => {
             eprintln!("SKIPPED: /dev/kvm is not usable here ({e}); this test needs KVM");
             false

@@ -16,12 +16,8 @@ fn vmm_bin() -> PathBuf {
 }
 
 fn have_kvm() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
+    match vmm::host::kvm_usable() {
+        Ok(()) => true,
         Err(e) => {
             eprintln!("SKIPPED: /dev/kvm is not usable here ({e}); these tests need KVM");
             false
