@@ -53,11 +53,19 @@ async fn recv(s: &mut tokio::net::UnixStream, d: &mut Decoder) -> Message {
 #[tokio::test]
 async fn runs_as_pid_1_of_a_namespace() {
     if !namespaces_available() {
-        eprintln!("skipped: needs root and unshare(1) with pid/mount/net/uts namespaces");
+        eprintln!("SKIPPED: needs root and unshare(1) with pid/mount/net/uts namespaces");
         return;
     }
-    // Not under /tmp: guest-init mounts a tmpfs there.
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    // Not under /tmp: guest-init mounts a tmpfs there, which would hide the host socket (the
+    // target dir itself is under /tmp when the checkout is).
+    let base = [
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        Path::new("/var/tmp"),
+        Path::new("/run"),
+    ]
+    .into_iter()
+    .find(|p| !p.starts_with("/tmp") && p.is_dir())
+    .expect("a scratch directory outside /tmp");
     let work = tempfile::tempdir_in(base).unwrap();
     let task = work.path().join("task");
     std::fs::create_dir_all(&task).unwrap();
