@@ -290,6 +290,9 @@ struct ServeArgs {
     /// microvm backend: seconds from VMM start until the guest must have connected.
     #[arg(long, default_value_t = 120)]
     boot_timeout: u64,
+    /// Seconds an idle (warm) environment is kept before it is stopped.
+    #[arg(long, default_value_t = 600)]
+    idle_timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -380,6 +383,7 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         vmm: a.vmm,
         guest_init: a.guest_init,
         boot_timeout: Duration::from_secs(a.boot_timeout.max(1)),
+        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
     };
     serve::run(
         cfg,

@@ -27,6 +27,8 @@ struct Slot {
     sandbox: Box<dyn Sandbox>,
     /// The function revision it runs: an environment of an older revision is never reused.
     revision: String,
+    /// When it last went idle (for the idle timeout).
+    idle_since: Instant,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -81,6 +83,7 @@ impl Pool {
         tracing::debug!(function = %name, env = %slot.sandbox.id(), request_id = %req.request_id, "invoking");
         let outcome = slot.sandbox.invoke(req, deadline).await;
         if slot.sandbox.is_reusable() {
+            slot.idle_since = Instant::now();
             self.idle().entry(name).or_default().push(slot);
         } else {
             slot.sandbox.stop().await;
@@ -152,6 +155,7 @@ impl Pool {
         let slot = Slot {
             sandbox,
             revision,
+            idle_since: Instant::now(),
             _permit: permit,
         };
         Ok((slot, deadline))
@@ -171,6 +175,32 @@ impl Pool {
     pub fn forget(&self, name: &str) {
         let removed = self.idle().remove(name);
         drop(removed);
+    }
+
+    /// Stops the environments idle for longer than `max_idle`; returns how many.
+    pub fn reap_idle(&self, max_idle: Duration) -> usize {
+        let mut stale = Vec::new();
+        {
+            let mut idle = self.idle();
+            for list in idle.values_mut() {
+                let (old, keep): (Vec<Slot>, Vec<Slot>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|s| s.idle_since.elapsed() > max_idle);
+                *list = keep;
+                stale.extend(old);
+            }
+            idle.retain(|_, l| !l.is_empty());
+        }
+        let n = stale.len();
+        if n > 0 {
+            tracing::info!(
+                environments = n,
+                "stopping environments idle for over {max_idle:?}"
+            );
+        }
+        // Dropping stops them (outside the lock).
+        drop(stale);
+        n
     }
 
     /// Stops every idle environment.

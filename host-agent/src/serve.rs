@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub guest_init: Option<PathBuf>,
     /// microvm backend: from VMM start to the guest's connection.
     pub boot_timeout: Duration,
+    /// An idle environment is stopped after this long.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +164,18 @@ pub async fn run(
         cfg.max_environments,
         cfg.init_timeout,
     ));
+    // Warm environments are kept for a while, not forever.
+    {
+        let (pool, max_idle) = (pool.clone(), cfg.idle_timeout);
+        let every = (max_idle / 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                pool.reap_idle(max_idle);
+            }
+        });
+    }
     let state = Arc::new(AppState {
         registry: registry.clone(),
         pool: pool.clone(),

@@ -303,3 +303,14 @@ done
     );
     zip(&[("bootstrap", script.as_bytes(), 0o755)])
 }
+
+/// Whether process `pid` is running. A zombie (exited, not yet reaped by init in a
+/// container) counts as gone.
+pub fn process_alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use kindling_tests::{shell_bootstrap, workspace_bin, Agent, AgentOptions};
+use kindling_tests::{process_alive, shell_bootstrap, workspace_bin, Agent, AgentOptions};
 use serde_json::{json, Value};
 
 #[test]
@@ -68,16 +68,6 @@ fn functions_persist_across_restarts() {
     );
 }
 
-fn alive(pid: i64) -> bool {
-    // A zombie (exited, not yet reaped by init in this container) counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 #[test]
 fn sigint_stops_cleanly_and_kills_runtimes() {
     let mut agent = Agent::start();
@@ -86,17 +76,17 @@ fn sigint_stops_cleanly_and_kills_runtimes() {
     let pid = agent.invoke("pidder", b"{}").json()["pid"]
         .as_i64()
         .unwrap();
-    assert!(alive(pid), "warm runtime should be running");
+    assert!(process_alive(pid), "warm runtime should be running");
     let status = agent.stop();
     assert!(status.success(), "exit status {status}");
     // Give the kernel a moment to deliver SIGKILL to the process group.
     for _ in 0..50 {
-        if !alive(pid) {
+        if !process_alive(pid) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert!(!alive(pid), "runtime {pid} survived the agent");
+    assert!(!process_alive(pid), "runtime {pid} survived the agent");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use kindling_tests::{shell_bootstrap, zip, Agent, AgentOptions};
+use kindling_tests::{process_alive, shell_bootstrap, zip, Agent, AgentOptions};
 use serde_json::{json, Value};
 
 fn expect_function_error(r: &kindling_tests::Response, error_type: &str) -> Value {
@@ -276,4 +276,31 @@ fn slow_init_is_retried_under_the_function_timeout() {
             .contains("2.00 seconds"),
         "{body}"
     );
+}
+
+#[test]
+fn idle_environments_are_stopped_after_the_idle_timeout() {
+    let agent = Agent::start_with(AgentOptions {
+        extra_args: vec!["--idle-timeout".into(), "1".into()],
+        ..Default::default()
+    });
+    let zip = shell_bootstrap(r#"respond "{\"pid\":$$}""#);
+    agent.create_ok("idler", "provided.al2023", "bootstrap", &zip, json!({}));
+    let first = agent.invoke("idler", b"{}").json()["pid"].as_i64().unwrap();
+    // Warm reuse within the timeout.
+    assert_eq!(
+        agent.invoke("idler", b"{}").json()["pid"].as_i64().unwrap(),
+        first
+    );
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        !process_alive(first)
+    });
+    assert!(
+        gone,
+        "the idle runtime {first} was not stopped:\n{}",
+        agent.log()
+    );
+    let second = agent.invoke("idler", b"{}").json()["pid"].as_i64().unwrap();
+    assert_ne!(first, second, "a new environment after the idle timeout");
 }
