@@ -57,12 +57,16 @@ pub struct MicrovmBackend {
 }
 
 impl MicrovmBackend {
+    /// Empties the environment and image directories: environments do not outlive the
+    /// agent, and images are rebuilt on demand (about a second each), so images of deleted
+    /// functions or old revisions do not pile up across restarts.
     pub fn new(cfg: MicrovmConfig) -> std::io::Result<Self> {
-        if cfg.envs_dir.exists() {
-            std::fs::remove_dir_all(&cfg.envs_dir)?;
+        for dir in [&cfg.envs_dir, &cfg.images_dir] {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+            std::fs::create_dir_all(dir)?;
         }
-        std::fs::create_dir_all(&cfg.envs_dir)?;
-        std::fs::create_dir_all(&cfg.images_dir)?;
         Ok(MicrovmBackend { cfg })
     }
 
