@@ -44,6 +44,7 @@ pub fn router(core: Arc<RuntimeCore>) -> Router {
         )
         .route(&format!("{PREFIX}/runtime/init/error"), post(init_error))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read through `read_limited`, which enforces Lambda's own limit.
         .layer(DefaultBodyLimit::disable())
         .with_state(core)
@@ -58,6 +59,14 @@ pub async fn serve(
     axum::serve(listener, router(core))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: 405,
+        error_type: "MethodNotAllowed",
+        message: "This Runtime API endpoint does not take that method".into(),
+    }
 }
 
 async fn not_found() -> ApiError {

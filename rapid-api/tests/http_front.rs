@@ -782,13 +782,14 @@ async fn wrong_method_on_known_path_is_refused() {
     let srv = Server::start().await;
     let res = srv.post("/invocation/next").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_api_error(res, 405, "MethodNotAllowed").await;
     let res = srv
         .client
         .get(srv.url("/invocation/x/response"))
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_api_error(res, 405, "MethodNotAllowed").await;
     // Neither touched the core.
     assert_eq!(
         *srv.core.lifecycle().borrow(),
