@@ -18,6 +18,7 @@ ensure_system_packages() {
     command -v patch >/dev/null || need+=(patch)
     command -v xz >/dev/null || need+=(xz-utils)
     command -v cpio >/dev/null || need+=(cpio)
+    command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
     [ -f /usr/include/gelf.h ] || need+=(libelf-dev)
     [ ${#need[@]} -eq 0 ] && return
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -44,9 +44,142 @@ enum Command {
     /// The microVM guest kernel (built from Debian's linux-source-6.1, cached).
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// Root images for microVMs (read-only ext4).
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build a root image: function code (a directory or a Lambda ZIP) on the `provided` base,
+    /// or an OCI image (layout directory or `docker save` tarball).
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["from_dir", "from_zip", "from_oci"])))]
+    Build {
+        /// A directory of function code (goes to /var/task).
+        #[arg(long)]
+        from_dir: Option<PathBuf>,
+        /// A Lambda ZIP (unpacked into /var/task).
+        #[arg(long)]
+        from_zip: Option<PathBuf>,
+        /// An OCI layout directory or a `docker save` tarball.
+        #[arg(long)]
+        from_oci: Option<PathBuf>,
+        /// The image file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// A static guest-init (default for --from-dir/--from-zip: built from the workspace;
+        /// for --from-oci: none installed unless given).
+        #[arg(long, env = "KINDLING_GUEST_INIT")]
+        guest_init: Option<PathBuf>,
+        /// Print {image, bytes, files, source, warnings} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run_image(cmd: ImageCmd) -> ExitCode {
+    use rootfs::image::{BuildOptions, Progress, Source};
+    use std::io::IsTerminal;
+    let ImageCmd::Build {
+        from_dir,
+        from_zip,
+        from_oci,
+        out,
+        guest_init,
+        json,
+    } = cmd;
+    let source = match (from_dir, from_zip, from_oci) {
+        (Some(d), _, _) => Source::Dir(d),
+        (_, Some(z), _) => Source::Zip(z),
+        (_, _, Some(o)) => Source::Oci(o),
+        _ => {
+            eprintln!("kindling: one of --from-dir, --from-zip, --from-oci is required");
+            return ExitCode::from(2);
+        }
+    };
+    let tty = std::io::stderr().is_terminal() && !json;
+    let bar = indicatif::ProgressBar::new_spinner();
+    if tty {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let guest_init = match (guest_init, &source) {
+        (Some(g), _) => Some(g),
+        (None, Source::Oci(_)) => None,
+        (None, _) => {
+            let line = "kindling image: building the static guest-init";
+            if tty {
+                bar.println(line);
+            } else {
+                eprintln!("{line}");
+            }
+            match rootfs::static_bin::build("guest-init", "guest-init") {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    bar.finish_and_clear();
+                    eprintln!("kindling: guest-init: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let pb = bar.clone();
+    let progress = move |p: &Progress| {
+        let line = match p {
+            Progress::Phase(m) => format!("kindling image: {m}"),
+            Progress::Warning(w) => format!("kindling image: warning: {w}"),
+        };
+        if tty {
+            pb.println(&line);
+            if let Progress::Phase(m) = p {
+                pb.set_message(m.clone());
+            }
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    let result = rootfs::image::build(BuildOptions {
+        source,
+        out,
+        guest_init,
+        progress: Some(Box::new(progress)),
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(r) if json => {
+            let out = json!({
+                "image": r.image,
+                "bytes": r.bytes,
+                "files": r.files,
+                "source": r.source,
+                "warnings": r.warnings,
+            });
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            println!(
+                "{} ({} bytes, {:.1} MiB, {} files)",
+                r.image.display(),
+                r.bytes,
+                r.bytes as f64 / (1024.0 * 1024.0),
+                r.files
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kindling: image build: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -402,6 +535,9 @@ async fn run(cmd: Command) -> Result<ExitCode, CliError> {
             .await
             .unwrap_or(ExitCode::FAILURE)),
         Command::Kernel(k) => Ok(tokio::task::spawn_blocking(move || run_kernel(k))
+            .await
+            .unwrap_or(ExitCode::FAILURE)),
+        Command::Image(i) => Ok(tokio::task::spawn_blocking(move || run_image(i))
             .await
             .unwrap_or(ExitCode::FAILURE)),
         Command::Serve(a) => {

@@ -5,8 +5,10 @@
 //!   [`ensure_kernel`].
 //! - [`initramfs`]: uncompressed newc cpio archives.
 //! - [`static_bin`]: static builds of guest binaries (guest-init, the test init, examples).
+//! - [`image`]: root images (ext4) from a directory, a Lambda ZIP or an OCI image.
 //! - [`test_init`]: the VM integration tests' static init and its initramfs.
 
+pub mod image;
 pub mod initramfs;
 pub mod kernel;
 pub mod static_bin;

@@ -3,16 +3,16 @@
 //! written (not the sizes the archive claims).
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
+
+use rootfs::image::zip::ZipError;
 
 /// Largest ZIP accepted in a CreateFunction request (Lambda's direct-upload limit).
 pub const MAX_ZIP_BYTES: usize = 50 * 1024 * 1024;
 /// Largest unpacked code size (Lambda's limit for a .zip package).
 pub const MAX_UNZIPPED_BYTES: u64 = 250 * 1024 * 1024;
-/// Most entries in one archive.
-const MAX_ENTRIES: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -33,57 +33,15 @@ impl From<zip::result::ZipError> for ArchiveError {
 }
 
 /// Extracts `zip` into `dest` (which must exist and be empty). Returns the bytes written.
+/// The rules live in `rootfs::image::zip`, shared with the image builder.
 pub fn extract_zip(zip: &[u8], dest: &Path) -> Result<u64, ArchiveError> {
-    let mut archive = zip::ZipArchive::new(io::Cursor::new(zip))?;
-    if archive.len() > MAX_ENTRIES {
-        return Err(ArchiveError::Invalid(format!(
-            "more than {MAX_ENTRIES} entries"
-        )));
-    }
-    let mut written: u64 = 0;
-    for i in 0..archive.len() {
-        let mut entry = archive.by_index(i)?;
-        let rel = entry
-            .enclosed_name()
-            .ok_or_else(|| ArchiveError::Invalid(format!("unsafe path {:?}", entry.name())))?;
-        let path = dest.join(&rel);
-        let mode = entry.unix_mode();
-        if entry.is_dir() {
-            fs::create_dir_all(&path)?;
-            continue;
+    rootfs::image::zip::extract_zip(io::Cursor::new(zip), dest, MAX_UNZIPPED_BYTES).map_err(|e| {
+        match e {
+            ZipError::Invalid(m) => ArchiveError::Invalid(m),
+            ZipError::TooLarge { .. } => ArchiveError::TooLarge,
+            ZipError::Io(e) => ArchiveError::Io(e),
         }
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        if mode.is_some_and(|m| m & 0o170000 == 0o120000) {
-            let mut target = String::new();
-            (&mut entry)
-                .take(4096)
-                .read_to_string(&mut target)
-                .map_err(|_| ArchiveError::Invalid("symlink target is not UTF-8".into()))?;
-            if !link_stays_inside(&rel, Path::new(&target)) {
-                return Err(ArchiveError::Invalid(format!(
-                    "symlink {} points outside the archive",
-                    rel.display()
-                )));
-            }
-            std::os::unix::fs::symlink(&target, &path)?;
-            continue;
-        }
-        let mut out = fs::File::create(&path)?;
-        let budget = MAX_UNZIPPED_BYTES - written;
-        // Read one byte past the budget to tell "exactly at the limit" from "over it".
-        let n = copy_limited(&mut entry, &mut out, budget + 1)?;
-        if n > budget {
-            return Err(ArchiveError::TooLarge);
-        }
-        written += n;
-        // Keep the permission bits (a `bootstrap` must stay executable) but never
-        // setuid/setgid/sticky. Archives made without Unix modes get 0644.
-        let perm = mode.map(|m| m & 0o777).unwrap_or(0o644) | 0o400;
-        fs::set_permissions(&path, fs::Permissions::from_mode(perm))?;
-    }
-    Ok(written)
+    })
 }
 
 /// One file of an archive being built: its name, contents and Unix mode.
@@ -134,34 +92,10 @@ pub fn zip_dir(dir: &Path) -> Result<Vec<u8>, ArchiveError> {
     build_zip(&entries)
 }
 
-fn copy_limited(r: &mut impl Read, w: &mut impl Write, limit: u64) -> io::Result<u64> {
-    io::copy(&mut r.take(limit), w)
-}
-
-/// Whether a symlink at `link` (relative to the root) with `target` resolves inside the root.
-fn link_stays_inside(link: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
-        return false;
-    }
-    let mut depth: i64 = 0;
-    let base: PathBuf = link.parent().map(Path::to_path_buf).unwrap_or_default();
-    for c in base.components().chain(target.components()) {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::ParentDir => depth -= 1,
-            Component::CurDir => {}
-            _ => return false,
-        }
-        if depth < 0 {
-            return false;
-        }
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rootfs::image::zip::link_stays_inside;
     use zip::write::SimpleFileOptions;
 
     fn make_zip(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
