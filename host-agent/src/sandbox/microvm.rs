@@ -2,7 +2,8 @@
 //! with `guest-init` as PID 1, the function's code at `/var/task`, and one vsock stream that
 //! carries the host-guest protocol (`guest_init::proto`).
 //!
-//! Start: build (once per function revision) an initramfs holding guest-init and the code;
+//! Start: build (once per function revision) a read-only ext4 root image (guest-init at
+//! /sbin/init, the code at /var/task), attached as virtio-blk `/dev/vda`;
 //! bind the vsock listener `<env>/v.sock_9999`; spawn the VMM; accept the guest's connection
 //! (the boot limit covers a slow, emulating host); Hello both ways; Configure; wait for Ready,
 //! InitError or InitTimeout. Invoke: one Invoke frame, then frames until the answer for that
@@ -10,12 +11,12 @@
 //! the VM is killed and the caller gets `Sandbox.Timedout`. Stop: Shutdown, then the VMM
 //! process is killed if it is still there, and the environment directory removed.
 //!
-//! What it does not have yet: root images (ext4/erofs) and base images, so only `provided.*`
+//! What it does not have yet: base images with a C library or Python, so only `provided.*`
 //! functions whose `bootstrap` is statically linked can run; Python needs the python3.11 base
 //! image (issue #5). Each environment boots from scratch (snapshots are issue #6).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -46,7 +47,7 @@ pub struct MicrovmConfig {
     pub guest_init: PathBuf,
     /// Per-environment directories (emptied at start).
     pub envs_dir: PathBuf,
-    /// Initramfs images per function revision.
+    /// Root images per function revision.
     pub images_dir: PathBuf,
     /// From VMM spawn to the guest's connection.
     pub boot_timeout: Duration,
@@ -70,10 +71,11 @@ impl MicrovmBackend {
         Ok(MicrovmBackend { cfg })
     }
 
-    /// The initramfs for this function revision, built when missing.
+    /// The read-only ext4 root image for this function revision (the `provided` base:
+    /// guest-init at /sbin/init, the code at /var/task), built when missing.
     fn ensure_image(&self, f: &Function) -> Result<PathBuf, StartError> {
         let dir = self.cfg.images_dir.join(&f.config.function_name);
-        let path = dir.join(format!("{}.cpio", f.config.revision_id));
+        let path = dir.join(format!("{}.ext4", f.config.revision_id));
         if path.is_file() {
             return Ok(path);
         }
@@ -100,53 +102,16 @@ impl MicrovmBackend {
             }
             Ok(_) => {}
         }
-        let init = std::fs::read(&self.cfg.guest_init).map_err(|e| {
-            StartError::Host(format!("guest-init {}: {e}", self.cfg.guest_init.display()))
-        })?;
-        let mut image = rootfs::Initramfs::new();
-        image
-            .dir("/dev", 0o755)
-            .char_dev("/dev/console", 0o600, 5, 1)
-            .char_dev("/dev/null", 0o666, 1, 3)
-            .dir("/proc", 0o555)
-            .dir("/sys", 0o555)
-            .dir("/tmp", 0o1777)
-            .dir("/var", 0o755)
-            .dir(TASK_ROOT, 0o755)
-            .file("/init", 0o755, init);
-        add_tree(&mut image, &f.code_dir, TASK_ROOT)
-            .map_err(|e| StartError::Host(format!("packing {}: {e}", f.code_dir.display())))?;
         std::fs::create_dir_all(&dir).map_err(|e| StartError::Host(e.to_string()))?;
-        let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
-        image
-            .write_file(&tmp)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| StartError::Host(format!("writing {}: {e}", path.display())))?;
+        rootfs::image::build(rootfs::image::BuildOptions {
+            source: rootfs::image::Source::Dir(f.code_dir.clone()),
+            out: path.clone(),
+            guest_init: Some(self.cfg.guest_init.clone()),
+            progress: None,
+        })
+        .map_err(|e| StartError::Host(format!("root image for {}: {e}", f.config.function_name)))?;
         Ok(path)
     }
-}
-
-/// Adds the files under `dir` to the image below `at` (modes kept, symlinks as they are).
-fn add_tree(image: &mut rootfs::Initramfs, dir: &Path, at: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let guest = format!("{at}/{name}");
-        let meta = std::fs::symlink_metadata(entry.path())?;
-        let mode = meta.permissions().mode() & 0o7777;
-        if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(entry.path())?;
-            image.symlink(&guest, &target.to_string_lossy());
-        } else if meta.is_dir() {
-            image.dir(&guest, mode);
-            add_tree(image, &entry.path(), &guest)?;
-        } else if meta.is_file() {
-            image.file(&guest, mode, std::fs::read(entry.path())?);
-        }
-    }
-    Ok(())
 }
 
 fn epoch_ms(t: SystemTime) -> u64 {
@@ -188,10 +153,11 @@ impl Backend for MicrovmBackend {
         let serial = env_dir.join("serial.log");
         let vm = serde_json::json!({
             "kernel": self.cfg.kernel,
-            "initrd": image,
-            "cmdline": "reboot=k panic=1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce console=ttyS0",
+            "cmdline": "reboot=k panic=1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce \
+                        console=ttyS0 root=/dev/vda ro rootfstype=ext4 init=/sbin/init",
             "vcpus": 1,
             "mem_mib": f.config.memory_size.max(128),
+            "block": [{"path": image, "read_only": true, "serial": "rootfs"}],
             "vsock": {"guest_cid": GUEST_CID, "uds_path": uds},
             "serial": {"file": serial},
         });
