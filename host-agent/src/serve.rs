@@ -117,8 +117,14 @@ fn microvm_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
     tracing::info!(
         "microvm backend: getting the guest kernel (built on first use, several minutes)"
     );
-    let kernel = rootfs::ensure_kernel(rootfs::KernelOptions::default())
-        .map_err(|e| fail(format!("guest kernel: {e}")))?;
+    // Every environment has one vCPU, so the uniprocessor kernel serves: it boots much faster
+    // where guest kernel code is emulated (9.6 s instead of 16.9 s here) and loses nothing on
+    // hardware KVM.
+    let kernel = rootfs::ensure_kernel(rootfs::KernelOptions {
+        flavour: rootfs::Flavour::Up,
+        ..Default::default()
+    })
+    .map_err(|e| fail(format!("guest kernel: {e}")))?;
     let guest_init = match &cfg.guest_init {
         Some(g) => g.clone(),
         None => rootfs::static_bin::build("guest-init", "guest-init")
