@@ -20,6 +20,8 @@ ensure_system_packages() {
     command -v cpio >/dev/null || need+=(cpio)
     command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
     [ -f /usr/include/gelf.h ] || need+=(libelf-dev)
+    # The microVM python3.11 base image (rootfs::base).
+    command -v debootstrap >/dev/null || need+=(debootstrap)
     [ ${#need[@]} -eq 0 ] && return
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "==> installing ${need[*]}" >&2

@@ -147,6 +147,7 @@ fn run_image(cmd: ImageCmd) -> ExitCode {
         }
     };
     let result = rootfs::image::build(BuildOptions {
+        base: None,
         source,
         out,
         guest_init,

@@ -8,6 +8,7 @@
 //! - [`image`]: root images (ext4) from a directory, a Lambda ZIP or an OCI image.
 //! - [`test_init`]: the VM integration tests' static init and its initramfs.
 
+pub mod base;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;

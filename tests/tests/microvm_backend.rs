@@ -3,8 +3,9 @@
 //! `kindling-vmm`, with `guest-init` as PID 1; a function error, a runtime crash and a
 //! timeout inside the VM reach the caller as they do with the process backend.
 //!
-//! Slow on an emulating host (each cold start boots a guest kernel: ~20 s here), so one test
-//! walks every path, reusing the environment where Lambda would.
+//! Slow on an emulating host (each cold start boots a guest kernel: ~10-15 s here, and a
+//! Python runtime's init adds more), so each test walks several paths, reusing the
+//! environment where Lambda would.
 
 use kindling_tests::{zip, Agent, AgentOptions};
 use serde_json::json;
@@ -97,4 +98,48 @@ fn lambda_runtime_function_in_a_microvm() {
         "{}",
         agent.log()
     );
+}
+
+/// The bundled hello-python example, served by awslambdaric on the python3.11 base image
+/// (Debian bookworm + awslambdaric, built once and cached), from inside a microVM.
+#[test]
+fn hello_python_in_a_microvm() {
+    if !have_kvm() {
+        return;
+    }
+    let guest_init =
+        rootfs::static_bin::build("guest-init", "guest-init").expect("static guest-init");
+    let agent = Agent::start_with(AgentOptions {
+        examples: true,
+        extra_args: vec![
+            "--backend".into(),
+            "microvm".into(),
+            "--guest-init".into(),
+            guest_init.display().to_string(),
+            "--init-timeout".into(),
+            "120".into(),
+        ],
+        ..Default::default()
+    });
+    let r = agent.invoke("hello-python", br#"{"name":"microvm"}"#);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), agent.log());
+    let body = r.json();
+    assert_eq!(
+        body["message"],
+        "Hello, microvm!",
+        "{body}\n{}",
+        agent.log()
+    );
+    assert_eq!(body["functionName"], "hello-python");
+    assert_eq!(body["requestId"].as_str(), r.header("x-amzn-requestid"));
+    // A Python exception comes back as Lambda's function error, from the same warm VM.
+    let r = agent.invoke("hello-python", br#"{"fail":"from python"}"#);
+    assert_eq!(
+        r.header("x-amz-function-error"),
+        Some("Unhandled"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.json()["errorType"], "ValueError");
+    assert_eq!(r.json()["errorMessage"], "from python");
 }

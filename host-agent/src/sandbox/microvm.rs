@@ -11,9 +11,9 @@
 //! the VM is killed and the caller gets `Sandbox.Timedout`. Stop: Shutdown, then the VMM
 //! process is killed if it is still there, and the environment directory removed.
 //!
-//! What it does not have yet: base images with a C library or Python, so only `provided.*`
-//! functions whose `bootstrap` is statically linked can run; Python needs the python3.11 base
-//! image (issue #5). Each environment boots from scratch (snapshots are issue #6).
+//! Runtimes: `python3.11` on the python3.11 base (`rootfs::base`), and `provided.*` functions
+//! whose `bootstrap` is statically linked (no base with a C library yet). Each environment
+//! boots from scratch (snapshots are issue #6).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -71,46 +71,64 @@ impl MicrovmBackend {
         Ok(MicrovmBackend { cfg })
     }
 
-    /// The read-only ext4 root image for this function revision (the `provided` base:
-    /// guest-init at /sbin/init, the code at /var/task), built when missing.
-    fn ensure_image(&self, f: &Function) -> Result<PathBuf, StartError> {
+    /// The read-only ext4 root image for this function revision, built when missing: the
+    /// `provided` base (guest-init at /sbin/init) or the python3.11 base (Debian + awslambdaric,
+    /// guest-init at /var/kindling/init), with the code at /var/task. Returns the image and
+    /// the guest's init path.
+    fn ensure_image(&self, f: &Function) -> Result<(PathBuf, &'static str), StartError> {
+        let runtime = Runtime::parse(&f.config.runtime)
+            .ok_or_else(|| StartError::Host(format!("unsupported runtime {}", f.config.runtime)))?;
+        let init = match runtime {
+            Runtime::Provided => "/sbin/init",
+            Runtime::Python311 => "/var/kindling/init",
+        };
         let dir = self.cfg.images_dir.join(&f.config.function_name);
         let path = dir.join(format!("{}.ext4", f.config.revision_id));
         if path.is_file() {
-            return Ok(path);
+            return Ok((path, init));
         }
-        if Runtime::parse(&f.config.runtime) != Some(Runtime::Provided) {
-            return Err(StartError::Host(format!(
-                "the microvm backend cannot run {} yet: it needs the {0} base image (issue #5); use --backend process",
-                f.config.runtime
-            )));
-        }
-        let bootstrap = f.code_dir.join("bootstrap");
-        match std::fs::read(&bootstrap) {
-            Err(_) => {
-                return Err(StartError::Function(ErrorReport::platform(
-                    "Runtime.InvalidEntrypoint",
-                    format!("Couldn't find valid bootstrap(s): [{TASK_ROOT}/bootstrap]"),
-                )))
+        let base = match runtime {
+            Runtime::Provided => {
+                check_static_bootstrap(f)?;
+                None
             }
-            Ok(bytes) if rootfs::static_bin::elf_has_interpreter(&bytes) == Some(true) => {
-                return Err(StartError::Function(ErrorReport::platform(
-                    "Runtime.InvalidEntrypoint",
-                    "the bootstrap is dynamically linked, and the microVM has no base image with a C library \
-                     yet: build it statically (e.g. RUSTFLAGS='-C target-feature=+crt-static')",
-                )))
+            Runtime::Python311 => {
+                let tree = rootfs::base::python311(|phase| {
+                    tracing::info!("python3.11 base image: {phase} (once; cached)")
+                })
+                .map_err(|e| StartError::Host(format!("python3.11 base image: {e}")))?;
+                Some(("python3.11".to_string(), tree))
             }
-            Ok(_) => {}
-        }
+        };
         std::fs::create_dir_all(&dir).map_err(|e| StartError::Host(e.to_string()))?;
         rootfs::image::build(rootfs::image::BuildOptions {
+            base,
             source: rootfs::image::Source::Dir(f.code_dir.clone()),
             out: path.clone(),
             guest_init: Some(self.cfg.guest_init.clone()),
             progress: None,
         })
         .map_err(|e| StartError::Host(format!("root image for {}: {e}", f.config.function_name)))?;
-        Ok(path)
+        Ok((path, init))
+    }
+}
+
+/// A `provided` function's bootstrap must exist and, until a base with a C library exists,
+/// be statically linked.
+fn check_static_bootstrap(f: &Function) -> Result<(), StartError> {
+    match std::fs::read(f.code_dir.join("bootstrap")) {
+        Err(_) => Err(StartError::Function(ErrorReport::platform(
+            "Runtime.InvalidEntrypoint",
+            format!("Couldn't find valid bootstrap(s): [{TASK_ROOT}/bootstrap]"),
+        ))),
+        Ok(bytes) if rootfs::static_bin::elf_has_interpreter(&bytes) == Some(true) => {
+            Err(StartError::Function(ErrorReport::platform(
+                "Runtime.InvalidEntrypoint",
+                "the bootstrap is dynamically linked, and the microVM has no base image with a C library \
+                 yet: build it statically (e.g. RUSTFLAGS='-C target-feature=+crt-static')",
+            )))
+        }
+        Ok(_) => Ok(()),
     }
 }
 
@@ -132,7 +150,7 @@ impl Backend for MicrovmBackend {
 
     async fn start(&self, spec: EnvSpec) -> Result<Box<dyn Sandbox>, StartError> {
         let f = spec.function.clone();
-        let image = {
+        let (image, init) = {
             let (this, f) = (
                 MicrovmBackend {
                     cfg: self.cfg.clone(),
@@ -153,8 +171,10 @@ impl Backend for MicrovmBackend {
         let serial = env_dir.join("serial.log");
         let vm = serde_json::json!({
             "kernel": self.cfg.kernel,
-            "cmdline": "reboot=k panic=1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce \
-                        console=ttyS0 root=/dev/vda ro rootfstype=ext4 init=/sbin/init",
+            "cmdline": format!(
+                "reboot=k panic=1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce \
+                 console=ttyS0 root=/dev/vda ro rootfstype=ext4 init={init}"
+            ),
             "vcpus": 1,
             "mem_mib": f.config.memory_size.max(128),
             "block": [{"path": image, "read_only": true, "serial": "rootfs"}],
@@ -269,7 +289,12 @@ impl MicrovmSandbox {
             memory_mb: c.memory_size,
             timeout_ms: u64::from(c.timeout) * 1000,
             region: spec.region.clone(),
-            runtime: RuntimeKind::Provided,
+            runtime: match Runtime::parse(&c.runtime) {
+                Some(Runtime::Python311) => RuntimeKind::Python {
+                    interpreter: rootfs::base::PYTHON.into(),
+                },
+                _ => RuntimeKind::Provided,
+            },
             task_root: TASK_ROOT.into(),
             environment: BTreeMap::new(),
             init_timeout_ms: spec.init_timeout.as_millis() as u64,
@@ -287,6 +312,10 @@ impl MicrovmSandbox {
             self.id
         );
         let mut environment = guest_init::env::lambda_variables(&configure, "/tmp", &stream_name);
+        if let RuntimeKind::Python { .. } = configure.runtime {
+            // Where the base image keeps awslambdaric, as Lambda's /var/runtime.
+            environment.insert("PYTHONPATH".into(), rootfs::base::RUNTIME_DIR.into());
+        }
         if let Some(vars) = &c.environment {
             environment.extend(vars.variables.clone());
         }

@@ -120,6 +120,10 @@ pub struct BuildOptions {
     pub out: PathBuf,
     /// A static guest-init binary: required for dir and ZIP sources, optional for OCI.
     pub guest_init: Option<PathBuf>,
+    /// For dir and ZIP sources: a base root tree (e.g. [`crate::base::python311`]) copied in
+    /// first, named by `base_name`; guest-init then goes to [`OCI_INIT_PATH`] so the base's
+    /// own `/sbin` stays as it is. `None`: the `provided` base.
+    pub base: Option<(String, PathBuf)>,
     pub progress: Option<ProgressFn>,
 }
 
@@ -203,8 +207,30 @@ pub fn build(mut opts: BuildOptions) -> Result<BuildReport, ImageError> {
                 .guest_init
                 .as_deref()
                 .ok_or(ImageError::MissingGuestInit("provided"))?;
-            say(Progress::Phase("staging the provided base".into()));
-            stage_provided(&root, init)?;
+            let init_path = match &opts.base {
+                None => {
+                    say(Progress::Phase("staging the provided base".into()));
+                    stage_provided(&root, init)?;
+                    PROVIDED_INIT_PATH
+                }
+                Some((name, tree)) => {
+                    say(Progress::Phase(format!("copying the {name} base")));
+                    let mut skipped = Vec::new();
+                    copy_tree(tree, &root, &mut skipped)?;
+                    for (d, mode) in [
+                        ("proc", 0o555),
+                        ("sys", 0o555),
+                        ("dev", 0o755),
+                        ("tmp", 0o1777),
+                        ("var/task", 0o755),
+                        ("opt", 0o755),
+                    ] {
+                        mkdir_mode(&root.join(d), mode)?;
+                    }
+                    install_file(&root, OCI_INIT_PATH, init, 0o755)?;
+                    OCI_INIT_PATH
+                }
+            };
             let task = root.join("var/task");
             if let Source::Dir(d) = &opts.source {
                 if !d.is_dir() {
@@ -227,6 +253,8 @@ pub fn build(mut opts: BuildOptions) -> Result<BuildReport, ImageError> {
                 zip::extract_zip(io::BufReader::new(f), &task, zip::MAX_UNZIPPED_BYTES)?;
             }
             match fs::symlink_metadata(task.join("bootstrap")) {
+                // Only the provided base runs a bootstrap.
+                _ if opts.base.is_some() => {}
                 Ok(m) if m.file_type().is_symlink() || m.permissions().mode() & 0o111 != 0 => {}
                 Ok(_) => say(Progress::Warning(
                     "bootstrap is not executable: a provided runtime will fail at invoke".into(),
@@ -239,8 +267,12 @@ pub fn build(mut opts: BuildOptions) -> Result<BuildReport, ImageError> {
             ImageConfig {
                 version: 1,
                 source: opts.source.kind().into(),
-                base: Some("provided".into()),
-                init: Some(format!("/{PROVIDED_INIT_PATH}")),
+                base: Some(
+                    opts.base
+                        .as_ref()
+                        .map_or("provided".to_string(), |(n, _)| n.clone()),
+                ),
+                init: Some(format!("/{init_path}")),
                 task_root: TASK_ROOT.into(),
                 entrypoint: Vec::new(),
                 cmd: Vec::new(),

@@ -66,6 +66,7 @@ fn fake_init(dir: &Path) -> PathBuf {
 
 fn build_opts(source: Source, out: PathBuf, init: Option<PathBuf>) -> BuildOptions {
     BuildOptions {
+        base: None,
         source,
         out,
         guest_init: init,
@@ -515,4 +516,31 @@ fn whiteout_under_a_missing_directory_makes_nothing() {
     let s = layer::apply_layer(&l[..], t.path(), "l", 1 << 20).unwrap();
     assert_eq!(s.whiteouts, 2);
     assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_base_tree_is_copied_under_the_code_and_guest_init_moves_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    // A base whose /sbin is a symlink, as in Debian's merged-/usr trees.
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(base.join("usr/sbin")).unwrap();
+    std::fs::create_dir_all(base.join("usr/bin")).unwrap();
+    std::fs::write(base.join("usr/bin/python3.11"), b"#!fake").unwrap();
+    std::os::unix::fs::symlink("usr/sbin", base.join("sbin")).unwrap();
+    let code = dir.path().join("code");
+    std::fs::create_dir_all(&code).unwrap();
+    std::fs::write(code.join("app.py"), b"def handler(e, c): return e\n").unwrap();
+    let init = dir.path().join("init");
+    std::fs::write(&init, b"\x7fELF init").unwrap();
+    let out = dir.path().join("img.ext4");
+    let mut opts = build_opts(Source::Dir(code), out.clone(), Some(init));
+    opts.base = Some(("python3.11".into(), base));
+    let report = build(opts).unwrap();
+    assert_eq!(report.config.base.as_deref(), Some("python3.11"));
+    assert_eq!(report.config.init.as_deref(), Some("/var/kindling/init"));
+    assert!(
+        report.warnings.is_empty(),
+        "no bootstrap warning for a python base: {:?}",
+        report.warnings
+    );
 }
