@@ -193,18 +193,8 @@ impl Backend for MicrovmBackend {
                 std::fs::File::create(env_dir.join("vmm.log"))
                     .map_err(|e| StartError::Host(e.to_string()))?,
             ))
-            .kill_on_drop(true)
-            .process_group(0);
-        // SAFETY: runs in the forked child before exec and only calls prctl (async-signal-safe);
-        // the VMM dies with the agent's spawning thread (a tokio worker, alive as long as it).
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+            .kill_on_drop(true);
+        super::own_group_dying_with_agent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| StartError::Host(format!("spawning {}: {e}", self.cfg.vmm.display())))?;

@@ -77,6 +77,23 @@ pub trait Backend: Send + Sync {
     async fn start(&self, spec: EnvSpec) -> Result<Box<dyn Sandbox>, StartError>;
 }
 
+/// Makes a spawned child (runtime or VMM) its own process group and ties its life to the
+/// agent's: the kernel SIGKILLs it if the spawning thread dies. Spawns happen on tokio worker
+/// threads, which live as long as the agent.
+pub fn own_group_dying_with_agent(cmd: &mut tokio::process::Command) {
+    cmd.process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Where a backend keeps per-environment state.
 pub fn envs_dir(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("envs")

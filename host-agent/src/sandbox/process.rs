@@ -187,9 +187,7 @@ impl Backend for ProcessBackend {
             .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group, so that stopping kills the whole tree.
-            .process_group(0);
+            .stderr(Stdio::piped());
         if Runtime::parse(&cfg.runtime) == Some(Runtime::Python311) {
             cmd.env("AWS_EXECUTION_ENV", "AWS_Lambda_python3.11")
                 .env("PYTHONUNBUFFERED", "1");
@@ -197,17 +195,8 @@ impl Backend for ProcessBackend {
         if let Some(vars) = &cfg.environment {
             cmd.envs(&vars.variables);
         }
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
-        // is async-signal-safe. PDEATHSIG ties the runtime's life to the thread that spawned it;
-        // spawns happen on tokio worker threads, which live as long as the agent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // Its own process group, so that stopping kills the whole tree.
+        super::own_group_dying_with_agent(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => return Err(spawn_error(&cmd, e)),
