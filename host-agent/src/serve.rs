@@ -102,6 +102,37 @@ fn choose_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
     }
 }
 
+/// How much longer a runtime may take to initialise in a microVM on a host whose KVM emulates
+/// guest kernel code (~1000x slower in ring 0: a Python runtime's init takes 20-40 s there).
+const EMULATED_INIT_SCALE: u32 = 10;
+
+/// The init limit for microVM environments: as configured on hardware KVM; scaled up, with a
+/// warning, where the host emulates guest kernel code, so that Lambda's 10 s limit does not
+/// turn every Python cold start into a timeout and a retry.
+fn microvm_init_timeout(configured: Duration) -> Duration {
+    let probe = vmm::vm::open_kvm()
+        .map_err(|e| e.to_string())
+        .and_then(|kvm| vmm::host::detect(&kvm).map_err(|e| e.to_string()));
+    match probe {
+        Ok(h) if h.kind == vmm::host::KvmKind::Emulated => {
+            let scaled = configured * EMULATED_INIT_SCALE;
+            tracing::warn!(
+                "{}; the microVM init limit is raised from {configured:?} to {scaled:?}",
+                h.describe()
+            );
+            scaled
+        }
+        Ok(h) => {
+            tracing::info!("{}", h.describe());
+            configured
+        }
+        Err(e) => {
+            tracing::warn!("could not tell the host's KVM kind ({e}); init limit {configured:?}");
+            configured
+        }
+    }
+}
+
 fn microvm_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
     use crate::sandbox::microvm::{MicrovmBackend, MicrovmConfig};
     let fail = |m: String| ServeError::Microvm(m);
@@ -164,11 +195,15 @@ pub async fn run(
             .await
             .map_err(|e| ServeError::Server(std::io::Error::other(e)))?;
     }
+    let init_timeout = match cfg.backend {
+        BackendKind::Microvm => microvm_init_timeout(cfg.init_timeout),
+        BackendKind::Auto | BackendKind::Process => cfg.init_timeout,
+    };
     let pool = Arc::new(Pool::new(
         backend,
         cfg.region.clone(),
         cfg.max_environments,
-        cfg.init_timeout,
+        init_timeout,
     ));
     // Warm environments are kept for a while, not forever.
     {
