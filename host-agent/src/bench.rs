@@ -20,8 +20,9 @@ pub struct BootBenchArgs {
     pub vcpus: u8,
     /// Default: `kindling-vmm` beside this executable.
     pub vmm: Option<PathBuf>,
-    /// Default: the cached (or freshly built) guest kernel.
+    /// Default: the cached (or freshly built) guest kernel of `flavour`.
     pub kernel: Option<PathBuf>,
+    pub flavour: rootfs::Flavour,
     /// Default: the static test init, built from the workspace.
     pub init: Option<PathBuf>,
 }
@@ -87,12 +88,6 @@ fn stat(values: impl Iterator<Item = f64>) -> Stat {
     }
 }
 
-fn sibling_binary(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.join(name);
-    p.is_file().then_some(p)
-}
-
 /// Runs the boot benchmark; `progress` is told after each run.
 pub fn boot(
     args: &BootBenchArgs,
@@ -101,7 +96,7 @@ pub fn boot(
     let vmm = args
         .vmm
         .clone()
-        .or_else(|| sibling_binary("kindling-vmm"))
+        .or_else(|| crate::sibling_binary("kindling-vmm"))
         .ok_or_else(|| {
             BenchError::Io(
                 "kindling-vmm not found beside kindling: build the workspace or pass --vmm".into(),
@@ -109,7 +104,10 @@ pub fn boot(
         })?;
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
-        None => rootfs::ensure_kernel(rootfs::KernelOptions::default())?,
+        None => rootfs::ensure_kernel(rootfs::KernelOptions {
+            flavour: args.flavour,
+            ..Default::default()
+        })?,
     };
     let init = match &args.init {
         Some(i) => i.clone(),

@@ -39,8 +39,7 @@ fn echo_rust_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("KINDLING_ECHO_RUST") {
         return Some(PathBuf::from(p));
     }
-    let exe = std::env::current_exe().ok()?;
-    Some(exe.parent()?.join("echo-rust"))
+    crate::sibling_binary("echo-rust")
 }
 
 fn code_for(example: &Example) -> Result<Vec<u8>, String> {

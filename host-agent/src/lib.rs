@@ -16,3 +16,11 @@ pub mod functions;
 pub mod pool;
 pub mod sandbox;
 pub mod serve;
+
+/// A binary built beside the running `kindling` (one `cargo build` makes them all):
+/// `kindling-vmm`, the `echo-rust` example. `None` when it is not there.
+pub fn sibling_binary(name: &str) -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.join(name);
+    p.is_file().then_some(p)
+}

@@ -225,25 +225,13 @@ fn run_bench(cmd: BenchCmd) -> ExitCode {
             vmm,
             json,
         } => {
-            let kernel = match kernel {
-                Some(k) => k,
-                None => match rootfs::ensure_kernel(rootfs::KernelOptions {
-                    flavour,
-                    ..Default::default()
-                }) {
-                    Ok(k) => k,
-                    Err(e) => {
-                        eprintln!("kindling: guest kernel: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-            };
             let args = host_agent::bench::BootBenchArgs {
                 runs: runs.max(1),
                 mem_mib: mem,
                 vcpus,
                 vmm,
-                kernel: Some(kernel),
+                kernel,
+                flavour,
                 init,
             };
             let bar = indicatif::ProgressBar::new(args.runs as u64);

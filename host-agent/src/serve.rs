@@ -139,10 +139,7 @@ fn microvm_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
     vmm::host::kvm_usable().map_err(|e| fail(format!("/dev/kvm: {e}")))?;
     let vmm = match &cfg.vmm {
         Some(v) => v.clone(),
-        None => std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|p| p.join("kindling-vmm")))
-            .filter(|p| p.is_file())
+        None => crate::sibling_binary("kindling-vmm")
             .ok_or_else(|| fail("kindling-vmm not found beside kindling; pass --vmm".into()))?,
     };
     tracing::info!(

@@ -75,14 +75,17 @@ impl MicrovmBackend {
     /// `provided` base (guest-init at /sbin/init) or the python3.11 base (Debian + awslambdaric,
     /// guest-init at /var/kindling/init), with the code at /var/task. Returns the image and
     /// the guest's init path.
-    fn ensure_image(&self, f: &Function) -> Result<(PathBuf, &'static str), StartError> {
+    fn ensure_image(
+        cfg: &MicrovmConfig,
+        f: &Function,
+    ) -> Result<(PathBuf, &'static str), StartError> {
         let runtime = Runtime::parse(&f.config.runtime)
             .ok_or_else(|| StartError::Host(format!("unsupported runtime {}", f.config.runtime)))?;
         let init = match runtime {
             Runtime::Provided => "/sbin/init",
             Runtime::Python311 => "/var/kindling/init",
         };
-        let dir = self.cfg.images_dir.join(&f.config.function_name);
+        let dir = cfg.images_dir.join(&f.config.function_name);
         let path = dir.join(format!("{}.ext4", f.config.revision_id));
         if path.is_file() {
             return Ok((path, init));
@@ -105,7 +108,7 @@ impl MicrovmBackend {
             base,
             source: rootfs::image::Source::Dir(f.code_dir.clone()),
             out: path.clone(),
-            guest_init: Some(self.cfg.guest_init.clone()),
+            guest_init: Some(cfg.guest_init.clone()),
             progress: None,
         })
         .map_err(|e| StartError::Host(format!("root image for {}: {e}", f.config.function_name)))?;
@@ -151,13 +154,8 @@ impl Backend for MicrovmBackend {
     async fn start(&self, spec: EnvSpec) -> Result<Box<dyn Sandbox>, StartError> {
         let f = spec.function.clone();
         let (image, init) = {
-            let (this, f) = (
-                MicrovmBackend {
-                    cfg: self.cfg.clone(),
-                },
-                f.clone(),
-            );
-            tokio::task::spawn_blocking(move || this.ensure_image(&f))
+            let (cfg, f) = (self.cfg.clone(), f.clone());
+            tokio::task::spawn_blocking(move || MicrovmBackend::ensure_image(&cfg, &f))
                 .await
                 .map_err(|e| StartError::Host(e.to_string()))??
         };
@@ -468,11 +466,6 @@ impl Sandbox for MicrovmSandbox {
 impl Drop for MicrovmSandbox {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        let dir = std::mem::take(&mut self.env_dir);
-        if !dir.as_os_str().is_empty() {
-            std::thread::spawn(move || {
-                let _ = std::fs::remove_dir_all(&dir);
-            });
-        }
+        super::remove_dir_in_background(std::mem::take(&mut self.env_dir));
     }
 }

@@ -94,6 +94,16 @@ pub fn own_group_dying_with_agent(cmd: &mut tokio::process::Command) {
     }
 }
 
+/// Removes an environment's directory off the async threads (a task root can hold many
+/// files); an empty path means there is nothing to remove.
+pub fn remove_dir_in_background(dir: PathBuf) {
+    if !dir.as_os_str().is_empty() {
+        std::thread::spawn(move || {
+            let _ = std::fs::remove_dir_all(&dir);
+        });
+    }
+}
+
 /// Where a backend keeps per-environment state.
 pub fn envs_dir(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("envs")

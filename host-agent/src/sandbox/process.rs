@@ -441,13 +441,7 @@ impl Drop for ProcessSandbox {
         if let Some(stop) = self.stop_api.take() {
             let _ = stop.send(());
         }
-        let dir = std::mem::take(&mut self.env_dir);
-        if !dir.as_os_str().is_empty() {
-            // Off the async threads: a task root can hold many files.
-            std::thread::spawn(move || {
-                let _ = std::fs::remove_dir_all(&dir);
-            });
-        }
+        super::remove_dir_in_background(std::mem::take(&mut self.env_dir));
         tracing::debug!(function = %self.function.config.function_name, env = %self.id, "environment stopped");
     }
 }
