@@ -20,6 +20,8 @@ ensure_system_packages() {
     command -v cpio >/dev/null || need+=(cpio)
     command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
     [ -f /usr/include/gelf.h ] || need+=(libelf-dev)
+    # Static guest binaries (crt-static) link glibc's libc.a.
+    [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
     # The microVM python3.11 base image (rootfs::base).
     command -v debootstrap >/dev/null || need+=(debootstrap)
     [ ${#need[@]} -eq 0 ] && return
