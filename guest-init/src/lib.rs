@@ -8,10 +8,12 @@
 //!   ordinary process ([`Mode::Process`], for tests and host-side debugging).
 //! - [`system`]: what only PID 1 does: mounts, loopback, host name, boot timer, power-off.
 //! - [`vsock`]: the guest's connection to the host.
+//! - [`image`]: how a container image's config becomes the runtime's command line.
 //!
 //! The static binary the guest runs is built by `rootfs::static_bin::build`.
 
 pub mod env;
+pub mod image;
 pub mod proto;
 pub mod runtime;
 mod session;

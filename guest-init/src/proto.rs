@@ -220,6 +220,22 @@ pub enum RuntimeKind {
         #[serde(default = "default_python")]
         interpreter: String,
     },
+    /// A container image: its start-up config at `config_path` (see [`crate::image`]), each
+    /// part replaced by the function's `ImageConfig` override when given.
+    Image {
+        #[serde(default = "default_image_config")]
+        config_path: String,
+        #[serde(default)]
+        entrypoint: Option<Vec<String>>,
+        #[serde(default)]
+        command: Option<Vec<String>>,
+        #[serde(default)]
+        working_dir: Option<String>,
+    },
+}
+
+fn default_image_config() -> String {
+    crate::image::IMAGE_CONFIG_PATH.into()
 }
 
 fn default_python() -> String {

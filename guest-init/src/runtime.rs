@@ -1,6 +1,6 @@
 //! Starting the function's runtime, reaping children, and forwarding the runtime's output.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::proto::{Configure, Log, Message, RuntimeKind, Stream};
-use crate::Mode;
+use crate::{image, Mode};
 
 /// Longest log line forwarded as one message (Lambda cuts lines at 256 KiB).
 pub const MAX_LOG_LINE: usize = 256 * 1024;
@@ -172,8 +172,21 @@ impl Reaper {
     }
 }
 
+/// How the runtime starts: its command (program and arguments), working directory and
+/// environment.
+pub(crate) struct RuntimeLaunch {
+    pub command: Command,
+    pub working_dir: String,
+    pub env: BTreeMap<String, String>,
+}
+
 /// The runtime's program and arguments, or the init error when there is nothing to run.
-pub(crate) fn runtime_command(cfg: &Configure) -> Result<Command, ErrorReport> {
+pub(crate) fn runtime_command(cfg: &Configure) -> Result<RuntimeLaunch, ErrorReport> {
+    let plain = |command: Command| RuntimeLaunch {
+        command,
+        working_dir: cfg.task_root.clone(),
+        env: cfg.environment.clone(),
+    };
     match &cfg.runtime {
         RuntimeKind::Provided => {
             let candidates = [
@@ -181,7 +194,7 @@ pub(crate) fn runtime_command(cfg: &Configure) -> Result<Command, ErrorReport> {
                 PathBuf::from("/opt/bootstrap"),
             ];
             match candidates.iter().find(|p| p.is_file()) {
-                Some(bootstrap) => Ok(Command::new(bootstrap)),
+                Some(bootstrap) => Ok(plain(Command::new(bootstrap))),
                 None => Err(ErrorReport::platform(
                     "Runtime.InvalidEntrypoint",
                     format!(
@@ -195,16 +208,38 @@ pub(crate) fn runtime_command(cfg: &Configure) -> Result<Command, ErrorReport> {
         RuntimeKind::Python { interpreter } => {
             let mut cmd = Command::new(interpreter);
             cmd.args(["-m", "awslambdaric", &cfg.handler]);
-            Ok(cmd)
+            Ok(plain(cmd))
+        }
+        RuntimeKind::Image {
+            config_path,
+            entrypoint,
+            command,
+            working_dir,
+        } => {
+            let start = image::read(Path::new(config_path))?;
+            let overrides = image::Overrides {
+                entrypoint: entrypoint.as_deref(),
+                command: command.as_deref(),
+                working_dir: working_dir.as_deref(),
+            };
+            let launch = image::launch(&start, &overrides, &cfg.environment)?;
+            let mut cmd = Command::new(&launch.argv[0]);
+            cmd.args(&launch.argv[1..]);
+            Ok(RuntimeLaunch {
+                command: cmd,
+                working_dir: launch.working_dir,
+                env: launch.env,
+            })
         }
     }
 }
 
 /// Adds what every runtime gets: cwd, environment, user, its own process group, piped output.
-pub(crate) fn prepare(cmd: &mut Command, cfg: &Configure, api_addr: &str, mode: Mode) {
-    cmd.current_dir(&cfg.task_root)
+pub(crate) fn prepare(launch: &mut RuntimeLaunch, cfg: &Configure, api_addr: &str, mode: Mode) {
+    let cmd = &mut launch.command;
+    cmd.current_dir(&launch.working_dir)
         .env_clear()
-        .envs(&cfg.environment)
+        .envs(&launch.env)
         .env("AWS_LAMBDA_RUNTIME_API", api_addr)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -249,16 +249,16 @@ impl GuestInit {
             init_reported: false,
             current: None,
         };
-        let mut cmd = match runtime::runtime_command(cfg) {
-            Ok(cmd) => cmd,
+        let mut launch = match runtime::runtime_command(cfg) {
+            Ok(launch) => launch,
             Err(report) => {
                 env.fail_start(report, out).await?;
                 return Ok(env);
             }
         };
-        runtime::prepare(&mut cmd, cfg, &api_addr.to_string(), self.mode);
-        let program = cmd.get_program().to_string_lossy().into_owned();
-        let (mut child, exit) = match reaper.spawn(&mut cmd) {
+        runtime::prepare(&mut launch, cfg, &api_addr.to_string(), self.mode);
+        let program = launch.command.get_program().to_string_lossy().into_owned();
+        let (mut child, exit) = match reaper.spawn(&mut launch.command) {
             Ok(spawned) => spawned,
             Err(e) if runtime::is_entrypoint_error(&e) => {
                 let report = ErrorReport::platform(

@@ -569,3 +569,94 @@ async fn runtime_runs_as_the_configured_user() {
         host.logs(Stream::Stdout)
     );
 }
+
+/// A container image function: the command line, working directory and environment come from
+/// the image's start-up config, with the function's overrides on top.
+#[tokio::test]
+async fn image_functions_start_from_the_image_config() {
+    let f = Fixture::shell(
+        r#"echo "args=$* cwd=$(pwd) handler=$_HANDLER img=$IMG_VAR my=$MY_VAR path=$PATH""#,
+        ECHO,
+    );
+    let app = f.dir.path().join("app");
+    std::fs::create_dir(&app).unwrap();
+    let config = f.dir.path().join("image.json");
+    let image = serde_json::json!({
+        "version": 1, "source": "oci", "base": null, "init": null, "task_root": "/var/task",
+        "entrypoint": [f.task().join("bootstrap")], "cmd": ["app.handler", "extra"],
+        "env": ["IMG_VAR=from-image", "MY_VAR=image-loses", "PATH=/usr/local/bin:/usr/bin:/bin"],
+        "working_dir": app, "user": ""
+    });
+    std::fs::write(&config, image.to_string()).unwrap();
+    let mut cfg = f.configure();
+    cfg.runtime = RuntimeKind::Image {
+        config_path: config.display().to_string(),
+        entrypoint: None,
+        command: None,
+        working_dir: None,
+    };
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(cfg.clone()))).await;
+    assert!(matches!(host.recv().await, Message::Ready(_)));
+    host.send(invoke("img-1", "{\"k\":1}")).await;
+    assert!(
+        matches!(host.recv().await, Message::Response(r) if r.payload == Bytes::from_static(b"{\"k\":1}"))
+    );
+    let host = shutdown(host, session).await;
+    let want = format!(
+        "args=app.handler extra cwd={} handler=app.handler img=from-image my=from-user \
+         path=/usr/local/bin:/usr/bin:/bin",
+        app.display()
+    );
+    assert!(
+        host.logs(Stream::Stdout).contains(&want),
+        "{:?}",
+        host.logs(Stream::Stdout)
+    );
+
+    // The function's ImageConfig overrides each part.
+    cfg.runtime = RuntimeKind::Image {
+        config_path: config.display().to_string(),
+        entrypoint: None,
+        command: Some(vec!["other.handler".into()]),
+        working_dir: Some(f.tmp().display().to_string()),
+    };
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(cfg.clone()))).await;
+    assert!(matches!(host.recv().await, Message::Ready(_)));
+    let host = shutdown(host, session).await;
+    let out = host.logs(Stream::Stdout);
+    assert!(
+        out.iter().any(|l| l.starts_with(&format!(
+            "args=other.handler cwd={} handler=other.handler",
+            f.tmp().display()
+        ))),
+        "{out:?}"
+    );
+
+    // An image config without any command is an init error, reported to the caller.
+    std::fs::write(
+        &config,
+        r#"{"entrypoint":[],"cmd":[],"env":[],"working_dir":""}"#,
+    )
+    .unwrap();
+    cfg.runtime = RuntimeKind::Image {
+        config_path: config.display().to_string(),
+        entrypoint: None,
+        command: None,
+        working_dir: None,
+    };
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(cfg))).await;
+    match host.recv().await {
+        Message::InitError(e) => {
+            assert_eq!(e.error_type, "Runtime.InvalidEntrypoint");
+            assert!(String::from_utf8_lossy(&e.body).contains("neither an ENTRYPOINT nor a CMD"));
+        }
+        other => panic!("expected InitError, got {other:?}"),
+    }
+    shutdown(host, session).await;
+}

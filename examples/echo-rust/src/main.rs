@@ -4,7 +4,10 @@
 //! Knobs in the event, to exercise the platform's error paths:
 //! - `"fail": "<message>"`: the handler returns an error of type `EchoFailure`;
 //! - `"exit": <code>`: the process exits with that code mid-invocation (`Runtime.ExitError`);
-//! - `"sleep_ms": <n>`: the handler sleeps first (past the timeout: `Sandbox.Timedout`).
+//! - `"sleep_ms": <n>`: the handler sleeps first (past the timeout: `Sandbox.Timedout`);
+//! - `"probe": {"env": [NAME...], "paths": [PATH...]}`: the answer also carries a `probe`
+//!   object with those environment variables, whether those paths exist, the working
+//!   directory and the command line (to check how a platform started the runtime).
 
 use lambda_runtime::{service_fn, Diagnostic, Error, LambdaEvent};
 use serde_json::{json, Value};
@@ -23,12 +26,48 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
             error_message: msg.into(),
         });
     }
+    let probe = payload.get("probe").map(probe);
     Ok(json!({
+        "probe": probe,
         "echo": payload,
         "requestId": ctx.request_id,
         "functionName": ctx.env_config.function_name,
         "runtime": "lambda_runtime (Rust)",
     }))
+}
+
+fn probe(what: &Value) -> Value {
+    let names = |key: &str| -> Vec<String> {
+        what.get(key)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let env: serde_json::Map<String, Value> = names("env")
+        .into_iter()
+        .map(|n| {
+            let v = std::env::var(&n).map_or(Value::Null, Value::String);
+            (n, v)
+        })
+        .collect();
+    let paths: serde_json::Map<String, Value> = names("paths")
+        .into_iter()
+        .map(|p| {
+            let exists = std::path::Path::new(&p).exists();
+            (p, Value::Bool(exists))
+        })
+        .collect();
+    json!({
+        "env": env,
+        "paths": paths,
+        "cwd": std::env::current_dir().ok().map(|d| d.display().to_string()),
+        "args": std::env::args().collect::<Vec<_>>(),
+    })
 }
 
 #[tokio::main]
