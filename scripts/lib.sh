@@ -24,6 +24,8 @@ ensure_system_packages() {
     [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
     # The microVM python3.11 base image (rootfs::base).
     command -v debootstrap >/dev/null || need+=(debootstrap)
+    # L2 of the chunked image cache: the tests start their own memcached instances.
+    command -v memcached >/dev/null || need+=(memcached)
     [ ${#need[@]} -eq 0 ] && return
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "==> installing ${need[*]}" >&2

@@ -2,6 +2,11 @@
 //! VMM start -> boot timer (wall and VMM CPU time), the VMM's own setup time, and the VMM's
 //! memory overhead (RSS minus resident guest memory). Says loudly when the host's KVM
 //! emulates guest kernel code, since such figures are not bare-metal ones.
+//!
+//! `kindling bench invoke` (module [`invoke`]): warm invoke latency and throughput through
+//! Kindling and through `cargo lambda watch`, side by side.
+
+pub mod invoke;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

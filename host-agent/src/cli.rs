@@ -129,6 +129,76 @@ impl Client {
             .await
     }
 
+    fn queue_url(&self, path: &str) -> String {
+        format!("{}/kindling/v1/queues{path}", self.endpoint)
+    }
+
+    /// The local queues (asynchronous invocation destinations) and their message counts.
+    pub async fn queues(&self) -> Result<Value, CliError> {
+        self.json(self.http.get(self.queue_url(""))).await
+    }
+
+    /// A local queue's messages, oldest first.
+    pub async fn queue_messages(&self, queue: &str) -> Result<Value, CliError> {
+        self.json(self.http.get(self.queue_url(&format!("/{queue}/messages"))))
+            .await
+    }
+
+    /// Empties a local queue.
+    pub async fn purge_queue(&self, queue: &str) -> Result<Value, CliError> {
+        self.json(
+            self.http
+                .delete(self.queue_url(&format!("/{queue}/messages"))),
+        )
+        .await
+    }
+
+    /// Reads a function's log (`GET /kindling/v1/functions/{name}/logs`) and hands each line
+    /// (without its newline) to `line`; with `follow`, until the agent closes the stream or
+    /// `line` fails (e.g. a closed stdout).
+    pub async fn logs(
+        &self,
+        name: &str,
+        follow: bool,
+        since_ms: Option<i64>,
+        mut line: impl FnMut(&str) -> std::io::Result<()>,
+    ) -> Result<(), CliError> {
+        let mut req = self.http.get(format!(
+            "{}/kindling/v1/functions/{name}/logs",
+            self.endpoint
+        ));
+        if follow {
+            req = req.query(&[("follow", "true")]);
+        }
+        if let Some(ms) = since_ms {
+            req = req.query(&[("since_ms", ms.to_string())]);
+        }
+        let mut res = self.send(req).await?;
+        let mut partial: Vec<u8> = Vec::new();
+        loop {
+            let chunk = res.chunk().await.map_err(|source| CliError::Connect {
+                endpoint: self.endpoint.clone(),
+                source,
+            })?;
+            let Some(chunk) = chunk else {
+                break;
+            };
+            partial.extend_from_slice(&chunk);
+            while let Some(i) = partial.iter().position(|&b| b == b'\n') {
+                let rest = partial.split_off(i + 1);
+                let text = String::from_utf8_lossy(&partial[..i]).into_owned();
+                partial = rest;
+                if line(&text).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if !partial.is_empty() {
+            let _ = line(&String::from_utf8_lossy(&partial));
+        }
+        Ok(())
+    }
+
     pub async fn delete(&self, name: &str) -> Result<(), CliError> {
         self.send(self.http.delete(self.url(&format!("/{name}"))))
             .await
@@ -139,26 +209,39 @@ impl Client {
 /// The body of a CreateFunction request built from CLI flags.
 pub struct CreateArgs {
     pub name: String,
-    pub runtime: String,
+    pub runtime: Option<String>,
     pub handler: Option<String>,
     pub zip: Option<PathBuf>,
     pub dir: Option<PathBuf>,
+    /// A container image on the agent's host (sent as an absolute path).
+    pub image: Option<PathBuf>,
+    pub image_entrypoint: Vec<String>,
+    pub image_command: Vec<String>,
+    pub image_workdir: Option<String>,
     pub timeout: Option<u32>,
     pub memory: Option<u32>,
     pub env: Vec<String>,
 }
 
 pub fn create_body(a: CreateArgs) -> Result<Value, CliError> {
-    let zip = match (&a.zip, &a.dir) {
-        (Some(z), None) => {
-            std::fs::read(z).map_err(|e| CliError::Input(format!("{}: {e}", z.display())))?
+    let code = match (&a.zip, &a.dir, &a.image) {
+        (Some(z), None, None) => {
+            let zip =
+                std::fs::read(z).map_err(|e| CliError::Input(format!("{}: {e}", z.display())))?;
+            json!({ "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) })
         }
-        (None, Some(d)) => {
-            zip_dir(d).map_err(|e| CliError::Input(format!("{}: {e}", d.display())))?
+        (None, Some(d), None) => {
+            let zip = zip_dir(d).map_err(|e| CliError::Input(format!("{}: {e}", d.display())))?;
+            json!({ "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) })
+        }
+        (None, None, Some(i)) => {
+            let abs = std::path::absolute(i)
+                .map_err(|e| CliError::Input(format!("{}: {e}", i.display())))?;
+            json!({ "ImageUri": abs.display().to_string() })
         }
         _ => {
             return Err(CliError::Input(
-                "give exactly one of --zip FILE or --dir DIR".into(),
+                "give exactly one of --zip FILE, --dir DIR or --image PATH".into(),
             ))
         }
     };
@@ -169,11 +252,26 @@ pub fn create_body(a: CreateArgs) -> Result<Value, CliError> {
             .ok_or_else(|| CliError::Input(format!("--env {kv}: expected KEY=VALUE")))?;
         vars.insert(k.to_string(), Value::String(v.to_string()));
     }
-    let mut body = json!({
-        "FunctionName": a.name,
-        "Runtime": a.runtime,
-        "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) },
-    });
+    let mut body = json!({ "FunctionName": a.name, "Code": code });
+    if let Some(r) = a.runtime {
+        body["Runtime"] = json!(r);
+    }
+    if a.image.is_some() {
+        body["PackageType"] = json!("Image");
+        let mut ic = serde_json::Map::new();
+        if !a.image_entrypoint.is_empty() {
+            ic.insert("EntryPoint".into(), json!(a.image_entrypoint));
+        }
+        if !a.image_command.is_empty() {
+            ic.insert("Command".into(), json!(a.image_command));
+        }
+        if let Some(w) = a.image_workdir {
+            ic.insert("WorkingDirectory".into(), json!(w));
+        }
+        if !ic.is_empty() {
+            body["ImageConfig"] = Value::Object(ic);
+        }
+    }
     if let Some(h) = a.handler {
         body["Handler"] = json!(h);
     }
@@ -187,4 +285,61 @@ pub fn create_body(a: CreateArgs) -> Result<Value, CliError> {
         body["Environment"] = json!({ "Variables": vars });
     }
     Ok(body)
+}
+
+/// Parses a duration such as `90` (seconds), `30s`, `5m`, `2h`, `1d` or `1h30m`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, CliError> {
+    let bad = || {
+        CliError::Input(format!(
+            "{text:?} is not a duration (examples: 90, 30s, 5m, 2h, 1d, 1h30m)"
+        ))
+    };
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(secs));
+    }
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            _ => return Err(bad()),
+        };
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+    }
+    if !number.is_empty() || text.is_empty() {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        for bad in ["", "m", "5x", "1h30", "-3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -99,6 +99,7 @@ pub fn deploy(registry: &Registry, data_dir: &Path) {
             memory_size: 128,
             variables: BTreeMap::new(),
             architecture: "x86_64".into(),
+            image: None,
         };
         match registry.create(new, &zip) {
             Ok(_) => {

@@ -38,18 +38,101 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a function's log (START/END/REPORT and the runtime's lines), from the agent.
+    Logs {
+        /// Function name.
+        name: String,
+        /// Keep printing new lines as they are written (like `tail -f`).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines from this far back: 90, 30s, 5m, 2h, 1d, 1h30m.
+        #[arg(long)]
+        since: Option<String>,
+        /// One JSON object per line: {timestamp, logStream, message}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Manage functions.
     #[command(subcommand)]
     Function(FunctionCmd),
     /// The microVM guest kernel (built from Debian's linux-source-6.1, cached).
     #[command(subcommand)]
     Kernel(KernelCmd),
-    /// Root images for microVMs (read-only ext4).
+    /// Root images for microVMs: build (read-only ext4), and chunked storage (push, pull, ls, gc).
     #[command(subcommand)]
     Image(ImageCmd),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Read the local queues that asynchronous invocations' destinations write to
+    /// (`arn:aws:sqs:REGION:ACCOUNT:QUEUE`), e.g. the failure records of a dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// List the queues that hold messages, with their message counts.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Print {Queues: [{Name, Messages}]} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a queue's messages, oldest first (they stay in the queue).
+    Read {
+        queue: String,
+        #[command(flatten)]
+        conn: Conn,
+        /// Print {Queue, Messages: [{MessageId, SentTimestamp, Body}]} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every message of a queue.
+    Purge {
+        queue: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+async fn run_dlq(cmd: DlqCmd) -> Result<ExitCode, CliError> {
+    match cmd {
+        DlqCmd::List { conn, json } => {
+            let v = Client::new(&conn.endpoint).queues().await?;
+            if json {
+                println!("{v}");
+            } else {
+                println!("{:<40} {:>9}", "QUEUE", "MESSAGES");
+                for q in v["Queues"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<40} {:>9}",
+                        q["Name"].as_str().unwrap_or(""),
+                        q["Messages"]
+                    );
+                }
+            }
+        }
+        DlqCmd::Read { queue, conn, json } => {
+            let v = Client::new(&conn.endpoint).queue_messages(&queue).await?;
+            if json {
+                println!("{v}");
+            } else {
+                // One message body per line (records are JSON documents).
+                for m in v["Messages"].as_array().into_iter().flatten() {
+                    println!("{}", m["Body"].as_str().unwrap_or(""));
+                }
+            }
+        }
+        DlqCmd::Purge { queue, conn } => {
+            let v = Client::new(&conn.endpoint).purge_queue(&queue).await?;
+            eprintln!("deleted {} messages from {queue}", v["Deleted"]);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand)]
@@ -78,6 +161,16 @@ enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Chunk an image file (512 KiB, SHA-256, deduplicated) into the image store (L3).
+    Push(image_cache::cli::PushArgs),
+    /// Rebuild an image file from the store through the L1/L2/L3 chunk cache.
+    Pull(image_cache::cli::PullArgs),
+    /// List the images in the store.
+    Ls(image_cache::cli::LsArgs),
+    /// Delete chunks that no image references.
+    Gc(image_cache::cli::GcArgs),
+    /// Serve chunks to VMMs on a Unix socket, through the cache.
+    ChunkServer(image_cache::cli::ChunkServerArgs),
 }
 
 fn run_image(cmd: ImageCmd) -> ExitCode {
@@ -90,7 +183,11 @@ fn run_image(cmd: ImageCmd) -> ExitCode {
         out,
         guest_init,
         json,
-    } = cmd;
+    } = cmd
+    else {
+        eprintln!("kindling: internal error: chunked image commands run on the async runtime");
+        return ExitCode::FAILURE;
+    };
     let source = match (from_dir, from_zip, from_oci) {
         (Some(d), _, _) => Source::Dir(d),
         (_, Some(z), _) => Source::Zip(z),
@@ -211,10 +308,14 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Warm invoke latency (p50/p90/p99) and throughput of the echo-rust example through
+    /// Kindling (process backend) and through `cargo lambda watch`, side by side.
+    Invoke(host_agent::bench::invoke::InvokeCli),
 }
 
 fn run_bench(cmd: BenchCmd) -> ExitCode {
     match cmd {
+        BenchCmd::Invoke(a) => host_agent::bench::invoke::run_cli(a),
         BenchCmd::Boot {
             runs,
             mem,
@@ -415,25 +516,63 @@ struct ServeArgs {
     /// Seconds an idle (warm) environment is kept before it is stopped.
     #[arg(long, default_value_t = 600)]
     idle_timeout: u64,
+    /// Most invocations in flight at once, host-wide (Lambda's account concurrency limit).
+    /// Default: --max-environments.
+    #[arg(long)]
+    max_concurrency: Option<usize>,
+    /// Concurrency that reserved (and unreserved functions' provisioned) concurrency must
+    /// leave to functions without a reservation.
+    #[arg(long, default_value_t = 1)]
+    min_unreserved: usize,
+    /// MiB of functions' MemorySize that all environments together may count. Default: 80 %
+    /// of the host's RAM.
+    #[arg(long)]
+    memory_budget_mib: Option<u64>,
+    /// Seconds running invocations get to finish after SIGTERM / Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Asynchronous (Event) invocations running at once. Default: half of
+    /// --max-environments (at least 1), so synchronous invokes always find room.
+    #[arg(long)]
+    async_concurrency: Option<usize>,
+    /// Seconds before the first retry of an asynchronous invocation that failed (the second
+    /// waits twice as long). Lambda: about 60.
+    #[arg(long, default_value_t = 60.0)]
+    async_retry_base: f64,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum FunctionCmd {
-    /// Create a function from a ZIP or a directory.
+    /// Create a function from a ZIP, a directory, or a container image.
     Create {
         name: String,
-        /// provided.al2023, provided.al2 or python3.11.
-        #[arg(long)]
-        runtime: String,
+        /// provided.al2023, provided.al2 or python3.11 (not with --image).
+        #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+        runtime: Option<String>,
         /// Handler (module.function for python3.11).
         #[arg(long)]
         handler: Option<String>,
         /// A ZIP archive of the code.
-        #[arg(long, conflicts_with = "dir")]
+        #[arg(long, conflicts_with_all = ["dir", "image"])]
         zip: Option<PathBuf>,
         /// A directory to zip up as the code.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "image")]
         dir: Option<PathBuf>,
+        /// A container image (PackageType Image): an OCI layout directory or a `docker save`
+        /// / OCI archive tarball on the agent's host. Runs on the microvm backend.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Image functions: replaces the image's ENTRYPOINT (repeat for each word).
+        #[arg(long, requires = "image")]
+        image_entrypoint: Vec<String>,
+        /// Image functions: replaces the image's CMD (repeat for each word).
+        #[arg(long, requires = "image")]
+        image_command: Vec<String>,
+        /// Image functions: replaces the image's WORKDIR.
+        #[arg(long, requires = "image")]
+        image_workdir: Option<String>,
         /// Timeout in seconds (1-900).
         #[arg(long)]
         timeout: Option<u32>,
@@ -506,6 +645,13 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         guest_init: a.guest_init,
         boot_timeout: Duration::from_secs(a.boot_timeout.max(1)),
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+        max_concurrency: a.max_concurrency.map(|n| n.max(1)),
+        min_unreserved: a.min_unreserved,
+        memory_budget_mib: a.memory_budget_mib,
+        shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
+        async_concurrency: a.async_concurrency.map(|n| n.max(1)),
+        async_retry_base: Duration::try_from_secs_f64(a.async_retry_base)
+            .map_err(|e| format!("--async-retry-base: {e}"))?,
     };
     serve::run(
         cfg,
@@ -526,12 +672,63 @@ async fn run(cmd: Command) -> Result<ExitCode, CliError> {
         Command::Kernel(k) => Ok(tokio::task::spawn_blocking(move || run_kernel(k))
             .await
             .unwrap_or(ExitCode::FAILURE)),
+        Command::Image(ImageCmd::Push(a)) => Ok(image_cache::cli::push(a).await),
+        Command::Image(ImageCmd::Pull(a)) => {
+            init_tracing();
+            Ok(image_cache::cli::pull(a).await)
+        }
+        Command::Image(ImageCmd::Ls(a)) => Ok(image_cache::cli::ls(a).await),
+        Command::Image(ImageCmd::Gc(a)) => Ok(image_cache::cli::gc(a).await),
+        Command::Image(ImageCmd::ChunkServer(a)) => {
+            init_tracing();
+            Ok(image_cache::cli::chunk_server(a).await)
+        }
         Command::Image(i) => Ok(tokio::task::spawn_blocking(move || run_image(i))
             .await
             .unwrap_or(ExitCode::FAILURE)),
+        Command::Dlq(d) => run_dlq(d).await,
         Command::Serve(a) => {
             init_tracing();
             run_serve(a).await.map_err(CliError::Serve)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs {
+            name,
+            follow,
+            since,
+            json,
+            conn,
+        } => {
+            let since_ms = match since {
+                None => None,
+                Some(s) => {
+                    let d = host_agent::cli::parse_duration(&s)?;
+                    let start = std::time::SystemTime::now()
+                        .checked_sub(d)
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    let ms = start
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0);
+                    Some(ms)
+                }
+            };
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            Client::new(&conn.endpoint)
+                .logs(&name, follow, since_ms, |line| {
+                    if json {
+                        let (ts, stream, message) =
+                            host_agent::logs::parse_line(line).unwrap_or(("", "", line));
+                        let v = json!({"timestamp": ts, "logStream": stream, "message": message});
+                        writeln!(stdout, "{v}")?;
+                    } else {
+                        writeln!(stdout, "{line}")?;
+                    }
+                    // Followers see each line at once, not when a buffer fills.
+                    stdout.flush()
+                })
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Invoke {
@@ -570,6 +767,10 @@ async fn run(cmd: Command) -> Result<ExitCode, CliError> {
                 handler,
                 zip,
                 dir,
+                image,
+                image_entrypoint,
+                image_command,
+                image_workdir,
                 timeout,
                 memory,
                 env,
@@ -581,6 +782,10 @@ async fn run(cmd: Command) -> Result<ExitCode, CliError> {
                     handler,
                     zip,
                     dir,
+                    image,
+                    image_entrypoint,
+                    image_command,
+                    image_workdir,
                     timeout,
                     memory,
                     env,

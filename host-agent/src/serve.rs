@@ -10,18 +10,20 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::functions::Registry;
-use crate::pool::Pool;
+use crate::logs::{LogStore, DEFAULT_MAX_FILE_BYTES};
+use crate::metrics::Metrics;
+use crate::pool::{Pool, PoolConfig};
 use crate::sandbox::process::ProcessBackend;
 use crate::sandbox::{envs_dir, Backend};
 
 /// Which sandbox backend to run functions in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
-    /// The best this host supports.
+    /// microvm where /dev/kvm works, else process (logged either way).
     Auto,
     /// Child processes on the host (development and tests; isolates nothing).
     Process,
-    /// A microVM per environment (not available yet).
+    /// A microVM per environment (needs /dev/kvm).
     Microvm,
 }
 
@@ -45,6 +47,18 @@ pub struct ServeConfig {
     pub boot_timeout: Duration,
     /// An idle environment is stopped after this long.
     pub idle_timeout: Duration,
+    /// Invocations in flight at once, host-wide (default: `max_environments`).
+    pub max_concurrency: Option<usize>,
+    /// Concurrency that reservations must leave unreserved.
+    pub min_unreserved: usize,
+    /// MiB of functions' `MemorySize` over all environments (default: 80 % of MemTotal).
+    pub memory_budget_mib: Option<u64>,
+    /// At shutdown, how long invocations in flight may take to finish.
+    pub shutdown_timeout: Duration,
+    /// Asynchronous invocations running at once (default: half of `max_environments`).
+    pub async_concurrency: Option<usize>,
+    /// Delay before the first retry of a failed asynchronous invocation (Lambda: ~1 min).
+    pub async_retry_base: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +74,8 @@ pub enum ServeError {
     Registry(#[from] crate::functions::RegistryError),
     #[error(transparent)]
     Lock(#[from] crate::datadir::LockError),
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -67,6 +83,8 @@ pub enum ServeError {
     },
     #[error("server error: {0}")]
     Server(std::io::Error),
+    #[error(transparent)]
+    Events(#[from] crate::events::QueueError),
 }
 
 /// The default data dir: `$XDG_DATA_HOME/kindling` or `~/.local/share/kindling`.
@@ -78,27 +96,45 @@ pub fn default_data_dir() -> PathBuf {
     PathBuf::from(home).join(".local/share/kindling")
 }
 
-fn choose_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
+/// The backend to run, and which kind it is (`auto` resolved).
+fn choose_backend(
+    cfg: &ServeConfig,
+    logs: &Arc<LogStore>,
+) -> Result<(Arc<dyn Backend>, BackendKind), ServeError> {
     let data_err = |source| ServeError::DataDir {
         path: cfg.data_dir.clone(),
         source,
     };
+    let process = || -> Result<(Arc<dyn Backend>, BackendKind), ServeError> {
+        tracing::warn!(
+            "the process backend isolates nothing: functions run as this user, on this host"
+        );
+        let b = ProcessBackend::new(envs_dir(&cfg.data_dir), cfg.python.clone(), logs.clone())
+            .map_err(data_err)?;
+        Ok((Arc::new(b), BackendKind::Process))
+    };
     match cfg.backend {
-        BackendKind::Microvm => microvm_backend(cfg),
-        BackendKind::Auto | BackendKind::Process => {
-            if cfg.backend == BackendKind::Auto {
-                tracing::info!(
-                    "backend auto: using process (the microvm backend runs only static provided.* \
-                     functions so far; pass --backend microvm to use it)"
-                );
+        BackendKind::Microvm => Ok((microvm_backend(cfg, logs)?, BackendKind::Microvm)),
+        BackendKind::Process => process(),
+        BackendKind::Auto => match vmm::host::kvm_usable() {
+            Ok(()) => match microvm_backend(cfg, logs) {
+                Ok(b) => {
+                    tracing::info!("backend auto: /dev/kvm works, using microvm");
+                    Ok((b, BackendKind::Microvm))
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "backend auto: /dev/kvm works but {e}; falling back to the process \
+                         backend (pass --backend microvm to make this fatal)"
+                    );
+                    process()
+                }
+            },
+            Err(e) => {
+                tracing::info!("backend auto: /dev/kvm is not usable ({e}); using process");
+                process()
             }
-            tracing::warn!(
-                "the process backend isolates nothing: functions run as this user, on this host"
-            );
-            let b = ProcessBackend::new(envs_dir(&cfg.data_dir), cfg.python.clone())
-                .map_err(data_err)?;
-            Ok(Arc::new(b))
-        }
+        },
     }
 }
 
@@ -133,7 +169,10 @@ fn microvm_init_timeout(configured: Duration) -> Duration {
     }
 }
 
-fn microvm_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
+fn microvm_backend(
+    cfg: &ServeConfig,
+    logs: &Arc<LogStore>,
+) -> Result<Arc<dyn Backend>, ServeError> {
     use crate::sandbox::microvm::{MicrovmBackend, MicrovmConfig};
     let fail = |m: String| ServeError::Microvm(m);
     vmm::host::kvm_usable().map_err(|e| fail(format!("/dev/kvm: {e}")))?;
@@ -158,16 +197,52 @@ fn microvm_backend(cfg: &ServeConfig) -> Result<Arc<dyn Backend>, ServeError> {
         None => rootfs::static_bin::build("guest-init", "guest-init")
             .map_err(|e| fail(format!("guest-init: {e}")))?,
     };
-    let b = MicrovmBackend::new(MicrovmConfig {
-        vmm,
-        kernel,
-        guest_init,
-        envs_dir: cfg.data_dir.join("vms"),
-        images_dir: cfg.data_dir.join("images"),
-        boot_timeout: cfg.boot_timeout,
-    })
+    let b = MicrovmBackend::new(
+        MicrovmConfig {
+            vmm,
+            kernel,
+            guest_init,
+            envs_dir: cfg.data_dir.join("vms"),
+            images_dir: cfg.data_dir.join("images"),
+            boot_timeout: cfg.boot_timeout,
+        },
+        logs.clone(),
+    )
     .map_err(|e| fail(e.to_string()))?;
     Ok(Arc::new(b))
+}
+
+/// The default memory budget: 80 % of the host's RAM (`MemTotal` in /proc/meminfo); if that
+/// cannot be read, no bound (with a warning).
+pub fn default_memory_budget_mib() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    match total_kib {
+        Some(kib) => kib / 1024 * 8 / 10,
+        None => {
+            tracing::warn!("cannot read MemTotal from /proc/meminfo; no memory budget");
+            u64::MAX
+        }
+    }
+}
+
+/// Gives the pool every function's stored concurrency settings (provisioned environments
+/// start in the background). A setting that cannot be read is logged and left out.
+async fn load_concurrency_settings(registry: &Arc<Registry>, pool: &Pool) {
+    for f in registry.list() {
+        let (r, name) = (registry.clone(), f.config.function_name.clone());
+        match tokio::task::spawn_blocking(move || r.concurrency(&name)).await {
+            Ok(Ok(s)) if s == Default::default() => {}
+            Ok(Ok(s)) => pool.apply(f, &s),
+            Ok(Err(e)) => {
+                tracing::warn!(function = %f.config.function_name, error = %e, "cannot read concurrency settings")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read concurrency settings"),
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` resolves; `on_listen` gets the bound address.
@@ -184,7 +259,9 @@ pub async fn run(
             addr: cfg.listen,
             source,
         })?;
-    let backend = choose_backend(&cfg)?;
+    let metrics = Arc::new(Metrics::new());
+    let logs = LogStore::open(&cfg.data_dir, DEFAULT_MAX_FILE_BYTES, metrics.clone())?;
+    let (backend, kind) = choose_backend(&cfg, &logs)?;
     let registry = Arc::new(Registry::open(&cfg.data_dir, &cfg.region, &cfg.account_id)?);
     if cfg.deploy_examples {
         let (r, d) = (registry.clone(), cfg.data_dir.clone());
@@ -192,16 +269,24 @@ pub async fn run(
             .await
             .map_err(|e| ServeError::Server(std::io::Error::other(e)))?;
     }
-    let init_timeout = match cfg.backend {
+    let init_timeout = match kind {
         BackendKind::Microvm => microvm_init_timeout(cfg.init_timeout),
         BackendKind::Auto | BackendKind::Process => cfg.init_timeout,
     };
     let pool = Arc::new(Pool::new(
         backend,
-        cfg.region.clone(),
-        cfg.max_environments,
-        init_timeout,
+        PoolConfig {
+            region: cfg.region.clone(),
+            init_timeout,
+            max_environments: cfg.max_environments,
+            max_concurrency: cfg.max_concurrency.unwrap_or(cfg.max_environments),
+            min_unreserved: cfg.min_unreserved,
+            memory_budget_mib: cfg
+                .memory_budget_mib
+                .unwrap_or_else(default_memory_budget_mib),
+        },
     ));
+    load_concurrency_settings(&registry, &pool).await;
     // Warm environments are kept for a while, not forever.
     {
         let (pool, max_idle) = (pool.clone(), cfg.idle_timeout);
@@ -214,9 +299,31 @@ pub async fn run(
             }
         });
     }
+    let events = {
+        let path = crate::events::queue_path(&cfg.data_dir);
+        let queue = tokio::task::spawn_blocking(move || crate::events::EventQueue::open(&path))
+            .await
+            .map_err(|e| ServeError::Server(std::io::Error::other(e)))??;
+        Arc::new(queue)
+    };
+    // Gauges owned by the scheduler and the event queue, read at scrape time.
+    {
+        let (pool, events) = (pool.clone(), events.clone());
+        metrics.on_scrape(move |m| {
+            m.set_pool(&pool.snapshot());
+            let q = events.stats();
+            m.set_event_queue(
+                usize::try_from(q.depth).unwrap_or(usize::MAX),
+                q.oldest_age.unwrap_or_default(),
+            );
+        });
+    }
     let state = Arc::new(AppState {
         registry: registry.clone(),
         pool: pool.clone(),
+        events: events.clone(),
+        logs,
+        metrics,
     });
     let addr = listener.local_addr().map_err(ServeError::Server)?;
     tracing::info!(%addr, backend = pool.backend_name(), data_dir = %cfg.data_dir.display(),
@@ -225,24 +332,46 @@ pub async fn run(
 
     // Graceful shutdown: stop accepting, let running invocations finish for a while, then go.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            // New invocations get 503 from now on; running ones get the grace period.
+            pool.close();
+            let _ = stop_tx.send(true);
+        });
+    }
+    // Asynchronous invocations: they stop taking events at shutdown; unfinished ones stay queued.
+    let workers = crate::events::worker::spawn(
+        events,
+        registry.clone(),
+        pool.clone(),
+        crate::events::WorkerSettings::new(
+            cfg.async_concurrency.unwrap_or_else(|| {
+                crate::events::WorkerSettings::default_concurrency(cfg.max_environments)
+            }),
+            cfg.async_retry_base,
+        ),
+        stop_rx.clone(),
+    );
     let mut graceful = stop_rx.clone();
+    let grace = cfg.shutdown_timeout;
     let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
         let _ = graceful.wait_for(|s| *s).await;
-        tracing::info!("shutting down: no new requests, waiting up to 10 s for running ones");
+        tracing::info!("shutting down: no new requests, waiting up to {grace:?} for running ones");
     });
     let mut deadline = stop_rx;
     tokio::select! {
         r = server => r.map_err(ServeError::Server)?,
         _ = async {
             let _ = deadline.wait_for(|s| *s).await;
-            tokio::time::sleep(Duration::from_secs(10)).await;
-        } => tracing::warn!("running invocations did not finish in 10 s; stopping anyway"),
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("running invocations did not finish in {grace:?}; stopping anyway"),
     }
-    pool.shutdown();
+    let _ = workers.await;
+    // Waits out what is left of the grace period (counted from close), then stops every
+    // environment: idle, provisioned and any still busy.
+    pool.shutdown(grace).await;
     tracing::info!("stopped");
     Ok(())
 }

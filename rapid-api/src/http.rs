@@ -1,4 +1,5 @@
-//! The HTTP front of the Runtime API: `/2018-06-01/runtime/...` over a [`RuntimeCore`].
+//! The HTTP front of the Runtime API: `/2018-06-01/runtime/...` over a [`RuntimeCore`], with
+//! the Extensions, Telemetry and Logs APIs (see `http_ext`) on the same router.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -17,10 +18,16 @@ use tokio::net::TcpListener;
 
 use crate::core::{ApiError, RuntimeCore};
 use crate::invocation::ErrorReport;
-use crate::{error_type, headers, Invocation, MAX_RESPONSE_BYTES, MAX_XRAY_CAUSE_BYTES};
+use crate::{error_type, headers, http_ext, Invocation, MAX_RESPONSE_BYTES, MAX_XRAY_CAUSE_BYTES};
 
 /// Path prefix of the Runtime API.
 pub const PREFIX: &str = "/2018-06-01";
+/// Path prefix of the Extensions API.
+pub const EXTENSION_PREFIX: &str = "/2020-01-01";
+/// Path prefix of the Telemetry API.
+pub const TELEMETRY_PREFIX: &str = "/2022-07-01";
+/// Path prefix of the Logs API.
+pub const LOGS_PREFIX: &str = "/2020-08-15";
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -43,6 +50,35 @@ pub fn router(core: Arc<RuntimeCore>) -> Router {
             post(error),
         )
         .route(&format!("{PREFIX}/runtime/init/error"), post(init_error))
+        .route(
+            &format!("{PREFIX}/runtime/restore/next"),
+            get(http_ext::restore_next),
+        )
+        .route(
+            &format!("{PREFIX}/runtime/restore/error"),
+            post(http_ext::restore_error),
+        )
+        .route(
+            &format!("{EXTENSION_PREFIX}/extension/register"),
+            post(http_ext::register),
+        )
+        .route(
+            &format!("{EXTENSION_PREFIX}/extension/event/next"),
+            get(http_ext::event_next),
+        )
+        .route(
+            &format!("{EXTENSION_PREFIX}/extension/init/error"),
+            post(http_ext::init_error),
+        )
+        .route(
+            &format!("{EXTENSION_PREFIX}/extension/exit/error"),
+            post(http_ext::exit_error),
+        )
+        .route(
+            &format!("{TELEMETRY_PREFIX}/telemetry"),
+            put(http_ext::telemetry),
+        )
+        .route(&format!("{LOGS_PREFIX}/logs"), put(http_ext::logs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read through `read_limited`, which enforces Lambda's own limit.
@@ -112,22 +148,22 @@ fn next_response(inv: Invocation) -> Response {
     res
 }
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-enum ReadError {
+pub(crate) enum ReadError {
     TooLarge,
     Truncated,
 }
 
 /// A request body read whole, with its trailers (streamed responses report errors there).
-struct ReadBody {
-    bytes: Bytes,
+pub(crate) struct ReadBody {
+    pub(crate) bytes: Bytes,
     trailers: Option<HeaderMap>,
 }
 
-async fn read_limited(body: Body, limit: usize) -> Result<ReadBody, ReadError> {
+pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<ReadBody, ReadError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => {
             let trailers = collected.trailers().cloned();
@@ -159,7 +195,7 @@ fn trailer_error(trailers: Option<&HeaderMap>) -> Option<ErrorReport> {
     ))
 }
 
-fn truncated() -> ApiError {
+pub(crate) fn truncated() -> ApiError {
     ApiError::bad_request("TruncatedHTTPRequest", "The request body was cut short")
 }
 
@@ -211,7 +247,7 @@ fn accepted() -> impl IntoResponse {
     (StatusCode::ACCEPTED, Json(json!({ "status": "OK" })))
 }
 
-async fn read_error_report(h: &HeaderMap, body: Body) -> Result<ErrorReport, ApiError> {
+pub(crate) async fn read_error_report(h: &HeaderMap, body: Body) -> Result<ErrorReport, ApiError> {
     let error_type = error_type::normalise(header(h, headers::FUNCTION_ERROR_TYPE));
     let xray_cause = header(h, headers::XRAY_ERROR_CAUSE)
         .filter(|c| c.len() <= MAX_XRAY_CAUSE_BYTES)

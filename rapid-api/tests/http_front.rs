@@ -1,6 +1,7 @@
 //! Tests of the axum HTTP front (`rapid_api::http`), served on a real loopback socket and
 //! driven by a plain HTTP client, the way a runtime client (`awslambdaric`, `lambda_runtime`)
-//! talks to it.
+//! talks to it. Status-and-body rows for every endpoint x state x bad input live in
+//! `protocol_table.rs`; this file covers behaviour beyond one exchange.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -267,14 +268,6 @@ async fn next_blocks_until_an_invocation_arrives() {
 }
 
 #[tokio::test]
-async fn next_while_holding_an_invocation_is_403() {
-    let srv = Server::start().await;
-    let _rx = srv.deliver(inv("held")).await;
-    let res = within(srv.next()).await.unwrap();
-    assert_api_error(res, 403, "InvalidStateTransition").await;
-}
-
-#[tokio::test]
 async fn close_answers_blocked_next_with_container_error() {
     let srv = Server::start().await;
     let pending = srv.next();
@@ -373,54 +366,6 @@ async fn response_without_content_type_or_body() {
             content_type: None,
         }
     );
-}
-
-#[tokio::test]
-async fn response_to_unknown_id_is_400_and_second_response_is_403() {
-    let srv = Server::start().await;
-    let res = srv
-        .post("/invocation/never-seen/response")
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    assert_api_error(res, 400, "InvalidRequestID").await;
-
-    let rx = srv.deliver(inv("once")).await;
-    let res = srv
-        .post("/invocation/other/response")
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    assert_api_error(res, 400, "InvalidRequestID").await;
-
-    let res = srv
-        .post("/invocation/once/response")
-        .body("first")
-        .send()
-        .await
-        .unwrap();
-    assert_accepted(res).await;
-    let res = srv
-        .post("/invocation/once/response")
-        .body("second")
-        .send()
-        .await
-        .unwrap();
-    assert_api_error(res, 403, "InvalidStateTransition").await;
-    let res = srv
-        .post("/invocation/once/error")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_api_error(res, 403, "InvalidStateTransition").await;
-
-    match outcome(rx).await {
-        InvokeOutcome::Response { body, .. } => assert_eq!(body, Bytes::from_static(b"first")),
-        other => panic!("{other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -704,17 +649,6 @@ async fn error_carries_xray_cause_up_to_64_kib() {
 }
 
 #[tokio::test]
-async fn error_to_unknown_id_is_400() {
-    let srv = Server::start().await;
-    let _rx = srv.deliver(inv("real")).await;
-    let res = post_error(&srv, "ghost", Some("Function.X"), "{}").await;
-    assert_api_error(res, 400, "InvalidRequestID").await;
-    assert!(srv.core.is_busy(), "the real invocation is still held");
-}
-
-// ---- /init/error ----
-
-#[tokio::test]
 async fn init_error_is_accepted_and_reaches_platform() {
     let srv = Server::start().await;
     let rx = srv.core.invoke(inv("first")).unwrap();
@@ -739,62 +673,6 @@ async fn init_error_is_accepted_and_reaches_platform() {
     // The runtime may not go on.
     let res = within(srv.next()).await.unwrap();
     assert_api_error(res, 403, "InvalidStateTransition").await;
-}
-
-#[tokio::test]
-async fn init_error_after_next_is_403() {
-    let srv = Server::start().await;
-    let pending = srv.next();
-    within(srv.core.wait_ready()).await.unwrap();
-    let res = srv
-        .post("/init/error")
-        .header("lambda-runtime-function-error-type", "Runtime.Late")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_api_error(res, 403, "InvalidStateTransition").await;
-    srv.core.close();
-    assert_api_error(within(pending).await.unwrap(), 500, "ContainerError").await;
-}
-
-// ---- routing ----
-
-#[tokio::test]
-async fn unknown_path_is_404_json() {
-    let srv = Server::start().await;
-    for url in [
-        format!("http://{}/2018-06-01/runtime/nope", srv.addr),
-        format!(
-            "http://{}/2018-06-01/runtime/invocation/a/b/response",
-            srv.addr
-        ),
-        format!("http://{}/2019-01-01/runtime/invocation/next", srv.addr),
-        format!("http://{}/", srv.addr),
-    ] {
-        let res = srv.client.get(&url).send().await.unwrap();
-        assert_api_error(res, 404, "NotFound").await;
-    }
-}
-
-#[tokio::test]
-async fn wrong_method_on_known_path_is_refused() {
-    let srv = Server::start().await;
-    let res = srv.post("/invocation/next").send().await.unwrap();
-    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_api_error(res, 405, "MethodNotAllowed").await;
-    let res = srv
-        .client
-        .get(srv.url("/invocation/x/response"))
-        .send()
-        .await
-        .unwrap();
-    assert_api_error(res, 405, "MethodNotAllowed").await;
-    // Neither touched the core.
-    assert_eq!(
-        *srv.core.lifecycle().borrow(),
-        rapid_api::Lifecycle::Initializing
-    );
 }
 
 #[tokio::test]

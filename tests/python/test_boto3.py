@@ -565,21 +565,30 @@ def test_client_context(client, fname, python_code):
         client.delete_function(FunctionName=fname)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not built yet: LogType=Tail (X-Amz-Log-Result, the last 4 KB of the invocation's "
-    "log with START/END/REPORT lines) belongs to issue #7, logs and metrics",
-)
 def test_log_type_tail(client, fname, python_code):
+    """LogType=Tail: X-Amz-Log-Result is base64 of the last 4 KB of this invocation's log,
+    START .. the function's own output .. END, REPORT."""
     create(client, fname, "python3.11", python_code, "app.client_context")
     try:
-        res, body = invoke(client, fname, {}, LogType="Tail")
-        assert res["StatusCode"] == 200
-        assert body == {"clientContext": None}
-        assert "LogResult" in res, "no X-Amz-Log-Result header"
-        log = base64.b64decode(res["LogResult"]).decode()
-        assert "client_context handler was here" in log
-        assert res["ResponseMetadata"]["RequestId"] in log
+        for cold in (True, False):
+            res, body = invoke(client, fname, {}, LogType="Tail")
+            assert res["StatusCode"] == 200
+            assert body == {"clientContext": None}
+            assert "LogResult" in res, "no X-Amz-Log-Result header"
+            raw = base64.b64decode(res["LogResult"])
+            assert len(raw) <= 4096
+            log = raw.decode()
+            rid = res["ResponseMetadata"]["RequestId"]
+            lines = log.splitlines()
+            assert lines[0] == f"START RequestId: {rid} Version: $LATEST", log
+            assert "client_context handler was here" in lines
+            assert lines[-2] == f"END RequestId: {rid}", log
+            assert lines[-1].startswith(f"REPORT RequestId: {rid}\tDuration: "), log
+            assert "\tBilled Duration: " in lines[-1] and "\tMemory Size: 128 MB" in lines[-1]
+            assert ("\tInit Duration: " in lines[-1]) == cold, log
+        # Without LogType (or with None) there is no log result.
+        res, _ = invoke(client, fname, {})
+        assert "LogResult" not in res
     finally:
         client.delete_function(FunctionName=fname)
 
@@ -741,3 +750,130 @@ def test_deleted_example_stays_deleted_after_restart(start_agent, tmp_path):
     names = list_names(second.client())
     assert "hello-python" not in names
     assert "echo-rust" in names
+
+
+# --- asynchronous invocation (InvocationType Event) and its configuration -----------------
+
+#: Lambda's asynchronous invoke payload limit.
+MAX_ASYNC_PAYLOAD = 1 * MB
+
+
+def _queue_messages(agent, queue_name):
+    """The messages of a Kindling local queue (an arn:aws:sqs destination), via its own route."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{agent.url}/kindling/v1/queues/{queue_name}/messages") as r:
+        return json.loads(r.read())["Messages"]
+
+
+def test_event_invoke_config_and_async_invoke(agent, client, fname, shell_code):
+    create(client, fname, "provided.al2023", shell_code)
+    queue_name = f"{fname}-ok"[:80]
+    destination = f"arn:aws:sqs:us-east-1:000000000000:{queue_name}"
+    try:
+        with pytest.raises(client.exceptions.ResourceNotFoundException):
+            client.get_function_event_invoke_config(FunctionName=fname)
+        put = client.put_function_event_invoke_config(
+            FunctionName=fname,
+            MaximumRetryAttempts=0,
+            DestinationConfig={"OnSuccess": {"Destination": destination}},
+        )
+        assert put["FunctionArn"].endswith(f":function:{fname}:$LATEST")
+        assert put["MaximumRetryAttempts"] == 0
+        assert put["DestinationConfig"]["OnSuccess"]["Destination"] == destination
+        assert put["LastModified"].year >= 2024  # botocore parsed the timestamp
+        got = client.get_function_event_invoke_config(FunctionName=fname)
+        assert got["DestinationConfig"] == put["DestinationConfig"]
+        upd = client.update_function_event_invoke_config(FunctionName=fname, MaximumEventAgeInSeconds=600)
+        assert (upd["MaximumRetryAttempts"], upd["MaximumEventAgeInSeconds"]) == (0, 600)
+        listed = client.list_function_event_invoke_configs(FunctionName=fname)["FunctionEventInvokeConfigs"]
+        assert [c["MaximumEventAgeInSeconds"] for c in listed] == [600]
+
+        with pytest.raises(ClientError) as e:
+            client.put_function_event_invoke_config(FunctionName=fname, MaximumRetryAttempts=2,
+                                                    MaximumEventAgeInSeconds=21601)
+        assert error_of(e)[:2] == ("ValidationException", 400)
+
+        event = {"async": True, "n": 7}
+        res = client.invoke(FunctionName=fname, InvocationType="Event", Payload=json.dumps(event))
+        assert res["StatusCode"] == 202
+        assert res["Payload"].read() == b""
+        request_id = res["ResponseMetadata"]["RequestId"]
+        deadline = time.monotonic() + 20
+        while not (msgs := _queue_messages(agent, queue_name)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(msgs) == 1, agent.log()
+        record = json.loads(msgs[0]["Body"])
+        assert record["requestContext"]["condition"] == "Success"
+        assert record["requestContext"]["requestId"] == request_id
+        assert record["requestPayload"] == event
+        assert record["responsePayload"]["event"] == event
+        assert record["responsePayload"]["requestId"] == request_id
+
+        with pytest.raises(client.exceptions.RequestTooLargeException):
+            client.invoke(FunctionName=fname, InvocationType="Event",
+                          Payload=json.dumps({"data": "x" * MAX_ASYNC_PAYLOAD}))
+
+        client.delete_function_event_invoke_config(FunctionName=fname)
+        with pytest.raises(client.exceptions.ResourceNotFoundException):
+            client.get_function_event_invoke_config(FunctionName=fname)
+    finally:
+        client.delete_function(FunctionName=fname)
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+def test_function_concurrency_put_get_delete(client, fname, shell_code):
+    create(client, fname, "provided.al2023", shell_code)
+    try:
+        assert "ReservedConcurrentExecutions" not in client.get_function_concurrency(FunctionName=fname)
+        res = client.put_function_concurrency(FunctionName=fname, ReservedConcurrentExecutions=3)
+        assert res["ReservedConcurrentExecutions"] == 3
+        assert client.get_function_concurrency(FunctionName=fname)["ReservedConcurrentExecutions"] == 3
+        assert client.get_function(FunctionName=fname)["Concurrency"] == {"ReservedConcurrentExecutions": 3}
+
+        # Far over the host's limit: Lambda's refusal, as an InvalidParameterValueException.
+        with pytest.raises(client.exceptions.InvalidParameterValueException) as e:
+            client.put_function_concurrency(FunctionName=fname, ReservedConcurrentExecutions=100000)
+        assert "UnreservedConcurrentExecution" in error_of(e)[2]
+
+        # A reservation of 0 throttles every invoke, with Lambda's reason.
+        client.put_function_concurrency(FunctionName=fname, ReservedConcurrentExecutions=0)
+        with pytest.raises(client.exceptions.TooManyRequestsException) as e:
+            invoke(client, fname, {"x": 1})
+        assert error_of(e)[:2] == ("TooManyRequestsException", 429)
+        assert e.value.response["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
+
+        client.delete_function_concurrency(FunctionName=fname)
+        assert "ReservedConcurrentExecutions" not in client.get_function_concurrency(FunctionName=fname)
+        assert "Concurrency" not in client.get_function(FunctionName=fname)
+        res, body = invoke(client, fname, {"x": 1})
+        assert res["StatusCode"] == 200 and "FunctionError" not in res
+    finally:
+        client.delete_function(FunctionName=fname)
+
+
+def test_provisioned_concurrency_on_latest(client, fname, shell_code):
+    create(client, fname, "provided.al2023", shell_code)
+    try:
+        with pytest.raises(client.exceptions.ProvisionedConcurrencyConfigNotFoundException):
+            client.get_provisioned_concurrency_config(FunctionName=fname, Qualifier="$LATEST")
+        res = client.put_provisioned_concurrency_config(
+            FunctionName=fname, Qualifier="$LATEST", ProvisionedConcurrentExecutions=1)
+        assert res["RequestedProvisionedConcurrentExecutions"] == 1
+        assert res["Status"] in ("IN_PROGRESS", "READY")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            cfg = client.get_provisioned_concurrency_config(FunctionName=fname, Qualifier="$LATEST")
+            if cfg["Status"] == "READY":
+                break
+            time.sleep(0.1)
+        assert cfg["Status"] == "READY"
+        assert cfg["AllocatedProvisionedConcurrentExecutions"] == 1
+        listed = client.list_provisioned_concurrency_configs(FunctionName=fname)
+        assert [c["FunctionArn"].rsplit(":", 1)[1] for c in listed["ProvisionedConcurrencyConfigs"]] == ["$LATEST"]
+        client.delete_provisioned_concurrency_config(FunctionName=fname, Qualifier="$LATEST")
+        assert client.list_provisioned_concurrency_configs(FunctionName=fname)["ProvisionedConcurrencyConfigs"] == []
+    finally:
+        client.delete_function(FunctionName=fname)

@@ -1,6 +1,8 @@
 //! Helpers for the integration tests in `tests/tests/`: start a real `kindling serve` on a
 //! free port with its own data dir, build function zips, and call Lambda's API.
 
+pub mod servers;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -91,6 +93,11 @@ impl Agent {
         if !opts.examples {
             cmd.arg("--no-examples");
         }
+        // The agent's default backend is the microvm one where /dev/kvm works; tests that
+        // want it say `--backend microvm`, the others run on processes.
+        if !opts.extra_args.iter().any(|a| a == "--backend") {
+            cmd.args(["--backend", "process"]);
+        }
         cmd.args(&opts.extra_args);
         if let Some(n) = opts.init_timeout {
             cmd.args(["--init-timeout", &n.to_string()]);
@@ -163,6 +170,36 @@ impl Agent {
         }
     }
 
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the agent without waiting.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, signal);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the agent to exit (after [`Agent::signal`]); panics with its
+    /// log if it does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "kindling did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn create(&self, body: &Value) -> Response {
         let res = self
             .http
@@ -211,6 +248,17 @@ impl Agent {
                 .send()
                 .expect("get request"),
         )
+    }
+
+    /// Any request to the agent: `method` (GET, PUT, POST, DELETE, ...) on `path`, with an
+    /// optional JSON body.
+    pub fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("HTTP method");
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        Response::from(req.send().expect("request"))
     }
 
     pub fn delete(&self, name: &str) -> Response {
@@ -313,4 +361,84 @@ pub fn process_alive(pid: i64) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// One entry of an image layer made by [`oci_layout`].
+pub enum LayerEntry<'a> {
+    /// A regular file: path (relative, no leading `/`), contents, mode.
+    File(&'a str, &'a [u8], u32),
+    /// A whiteout: deletes `path` of the layers below (`dir/.wh.name`).
+    Whiteout(&'a str),
+}
+
+/// Writes an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/...`) to `dir`: one
+/// uncompressed tar layer per element of `layers`, in order, and `config` as the image
+/// config's `config` object (Entrypoint, Cmd, Env, WorkingDir). What `skopeo copy` or
+/// `docker buildx --output type=oci` would produce, without needing either.
+pub fn oci_layout(dir: &Path, layers: &[Vec<LayerEntry<'_>>], config: Value) {
+    use sha2::{Digest, Sha256};
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let hex = format!("{:x}", Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let mut layer_descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for layer in layers {
+        let mut b = tar::Builder::new(Vec::new());
+        for entry in layer {
+            let (path, data, mode): (String, &[u8], u32) = match entry {
+                LayerEntry::File(p, d, m) => (p.to_string(), d, *m),
+                LayerEntry::Whiteout(p) => {
+                    let (parent, name) = p.rsplit_once('/').unwrap_or(("", p));
+                    let wh = if parent.is_empty() {
+                        format!(".wh.{name}")
+                    } else {
+                        format!("{parent}/.wh.{name}")
+                    };
+                    (wh, &[][..], 0o644)
+                }
+            };
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(mode);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            b.append_data(&mut h, &path, data).unwrap();
+        }
+        let bytes = b.into_inner().unwrap();
+        let (digest, size) = put(&bytes);
+        diff_ids.push(digest.clone());
+        layer_descs.push(json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": digest, "size": size,
+        }));
+    }
+    let cfg = json!({
+        "architecture": "amd64", "os": "linux", "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let (cfg_digest, cfg_size) = put(cfg.to_string().as_bytes());
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": cfg_digest, "size": cfg_size},
+        "layers": layer_descs,
+    });
+    let (m_digest, m_size) = put(manifest.to_string().as_bytes());
+    std::fs::write(
+        dir.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": m_digest, "size": m_size,
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
 }

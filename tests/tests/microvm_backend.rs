@@ -7,6 +7,7 @@
 //! Python runtime's init adds more), so each test walks several paths, reusing the
 //! environment where Lambda would.
 
+use base64::Engine as _;
 use kindling_tests::{zip, Agent, AgentOptions};
 use serde_json::json;
 
@@ -56,8 +57,47 @@ fn lambda_runtime_function_in_a_microvm() {
     assert_eq!(body["echo"], json!({"hello": "vm"}), "{}", agent.log());
     assert_eq!(body["functionName"], "echo-vm");
     assert_eq!(body["requestId"].as_str(), r.header("x-amzn-requestid"));
-    let r = agent.invoke("echo-vm", br#"{"n":2}"#);
+    let cold = r.header("x-amzn-requestid").unwrap().to_string();
+    let r = agent.invoke_with("echo-vm", br#"{"n":2}"#, &[("X-Amz-Log-Type", "Tail")]);
     assert_eq!(r.json()["echo"], json!({"n": 2}));
+    let warm = r.header("x-amzn-requestid").unwrap().to_string();
+
+    // The function log: START/END/REPORT from inside the VM, Init Duration (the guest's
+    // measure) on the cold invocation only, no Max Memory Used (not measurable from the host).
+    let log = std::fs::read_to_string(agent.data_dir.join("logs/echo-vm.log")).unwrap();
+    let report = |rid: &str| {
+        log.lines()
+            .find_map(|l| {
+                l.split_once(&format!("REPORT RequestId: {rid}\t"))
+                    .map(|x| x.1)
+            })
+            .unwrap_or_else(|| panic!("no REPORT for {rid}:\n{log}"))
+            .to_string()
+    };
+    assert!(
+        log.contains(&format!("START RequestId: {cold} Version: $LATEST")),
+        "{log}"
+    );
+    assert!(log.contains(&format!("END RequestId: {cold}")), "{log}");
+    let (cold_report, warm_report) = (report(&cold), report(&warm));
+    assert!(cold_report.starts_with("Duration: ") && cold_report.contains("\tMemory Size: 128 MB"));
+    assert!(cold_report.contains("\tInit Duration: "), "{cold_report}");
+    assert!(!warm_report.contains("Init Duration") && !warm_report.contains("Max Memory Used"));
+    let tail = r.header("x-amz-log-result").expect("X-Amz-Log-Result");
+    let tail = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(tail)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        tail.starts_with(&format!("START RequestId: {warm}")),
+        "{tail}"
+    );
+    assert!(
+        tail.contains(&format!("REPORT RequestId: {warm}\t")),
+        "{tail}"
+    );
 
     // A function error.
     let r = agent.invoke("echo-vm", br#"{"fail":"nope"}"#);

@@ -28,6 +28,10 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// Track dirty guest pages (KVM dirty log + the VMM's own writes) so that diff snapshots
+    /// can be taken. Costs a write-protect fault on each page's first write per snapshot.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// Firecracker's default command line, which its users know.
@@ -52,6 +56,28 @@ pub struct BlockDeviceConfig {
     /// Serial id the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
+    /// A chunked image read lazily from a chunk server; `path` is then its manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunked: Option<ChunkedImageConfig>,
+}
+
+/// Where a chunked image's chunks come from and where its writes go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkedImageConfig {
+    /// The agent's chunk server (`kindling image chunk-server --socket`).
+    pub socket: PathBuf,
+    /// Copy-on-write file for the guest's writes (required unless `read_only`); emptied
+    /// when the VM starts.
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
+    /// Bound on fetched chunks kept in the VMM's memory.
+    #[serde(default = "default_chunk_cache_mib")]
+    pub cache_mib: u32,
+}
+
+fn default_chunk_cache_mib() -> u32 {
+    64
 }
 
 /// A virtio-vsock device, exposed on the host as a Unix socket (Firecracker's hybrid vsock).

@@ -2,29 +2,42 @@
 //! metrics. Everything here runs on the event loop (event-manager), never on a vCPU thread.
 //!
 //! Control socket protocol: newline-delimited JSON over a Unix stream socket. Each request is
-//! one line `{"action": "start" | "shutdown" | "metrics" | "status"}`; each answer one line,
-//! `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. Lines are capped at 64 KiB and at
-//! most 16 connections are served at once.
+//! one line `{"action": "start" | "shutdown" | "metrics" | "status" | "pause" | "resume" |
+//! "snapshot"}`; each answer one line, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+//! Lines are capped at 64 KiB and at most 16 connections are served at once.
+//!
+//! `snapshot` takes `"state_path"`, `"mem_path"` and `"kind"` (`"full"`, the default, or
+//! `"diff"`, which needs `track_dirty_pages` in the VM config) and needs a paused VM. It runs
+//! on the event loop, so no device works while it is taken: device state and guest memory
+//! are one consistent point in time. Devices keep serving host events while the VM is paused
+//! (their writes to guest memory are tracked and go into the next diff).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde_json::{json, Value};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::legacy::BootTimerReading;
+use kvm_ioctls::VmFd;
+
+use crate::config::VmConfig;
+use crate::devices::legacy::{BootTimerReading, SerialDevice, I8042};
+use crate::devices::lock;
+use crate::devices::virtio::MmioTransport;
 use crate::host::HostKvm;
 use crate::memory::GuestMemoryMmap;
-use crate::vcpu::{Vcpu, VcpuCounters, VcpuStop};
+use crate::snapshot::persist::{DevicesState, Persist};
+use crate::snapshot::{self, Snapshot, SnapshotKind};
+use crate::vcpu::{Vcpu, VcpuCommand, VcpuCounters, VcpuHandle, VcpuResponse, VcpuStop};
 
 const MAX_LINE: usize = 64 * 1024;
 const MAX_CONNECTIONS: usize = 16;
@@ -58,6 +71,21 @@ pub struct MetricsSources {
     pub host: HostKvm,
 }
 
+/// How long a vCPU may take to answer a pause, resume or save.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What taking a snapshot reads from.
+pub struct SnapshotSources {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    pub config: VmConfig,
+    pub cmdline: String,
+    pub track_dirty: bool,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
 struct Conn {
     stream: UnixStream,
     buf: Vec<u8>,
@@ -69,11 +97,15 @@ pub struct Controller {
     listener: Option<UnixListener>,
     conns: HashMap<RawFd, Conn>,
     /// vCPUs not yet started, and how to start them.
-    pending: Option<Box<dyn FnOnce() -> Vec<JoinHandle<()>> + Send>>,
-    threads: Vec<JoinHandle<()>>,
+    pending: Option<Box<dyn FnOnce() -> Vec<VcpuHandle> + Send>>,
+    vcpus: Vec<VcpuHandle>,
+    paused: bool,
     /// When the vCPUs were started, from VMM start.
     started: Option<std::time::Duration>,
     metrics: MetricsSources,
+    snapshot: Option<SnapshotSources>,
+    /// Set by a restore: where from and how long its steps took (for metrics).
+    pub restore_info: Option<Value>,
     pub outcome: Option<Outcome>,
 }
 
@@ -90,10 +122,163 @@ impl Controller {
             listener,
             conns: HashMap::new(),
             pending: None,
-            threads: Vec::new(),
+            vcpus: Vec::new(),
+            paused: false,
             started: None,
             metrics,
+            snapshot: None,
+            restore_info: None,
             outcome: None,
+        }
+    }
+
+    /// Enables the `snapshot` action.
+    pub fn set_snapshot_sources(&mut self, sources: SnapshotSources) {
+        self.snapshot = Some(sources);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    fn ask_all(&self, cmd: VcpuCommand) -> Result<Vec<VcpuResponse>, String> {
+        self.vcpus
+            .iter()
+            .map(|v| v.request(cmd, VCPU_ANSWER_TIMEOUT))
+            .collect()
+    }
+
+    /// Pauses every vCPU (they finish their current exit and block).
+    pub fn pause(&mut self) -> Result<(), String> {
+        if self.pending.is_some() {
+            return Err("the VM is not started".into());
+        }
+        if self.paused {
+            return Ok(());
+        }
+        let r = self.ask_all(VcpuCommand::Pause);
+        // Even on a partial failure some vCPUs are paused: count the VM as paused so that
+        // `resume` releases them.
+        self.paused = true;
+        r?;
+        tracing::info!("VM paused");
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), String> {
+        if !self.paused {
+            return Err("the VM is not paused".into());
+        }
+        self.ask_all(VcpuCommand::Resume)?;
+        self.paused = false;
+        tracing::info!("VM resumed");
+        Ok(())
+    }
+
+    /// Writes a snapshot of the paused VM.
+    pub fn snapshot(
+        &mut self,
+        state_path: &std::path::Path,
+        mem_path: &std::path::Path,
+        kind: SnapshotKind,
+    ) -> Result<Value, String> {
+        let t0 = Instant::now();
+        if !self.paused {
+            return Err(
+                "the VM must be paused for a snapshot (send {\"action\":\"pause\"} first)".into(),
+            );
+        }
+        let Some(src) = &self.snapshot else {
+            return Err("snapshots are not available for this VM".into());
+        };
+        if kind == SnapshotKind::Diff && !src.track_dirty {
+            return Err("a diff snapshot needs dirty page tracking (\"track_dirty_pages\": true in the VM config)".into());
+        }
+        crate::vm::check_snapshot_caps(&src.vm).map_err(|e| e.to_string())?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for r in self.ask_all(VcpuCommand::Save)? {
+            match r {
+                VcpuResponse::State(s) => vcpus.push((*s)?),
+                other => return Err(format!("unexpected vCPU answer {other:?}")),
+            }
+        }
+        let vm = crate::vm::save_state(&src.vm).map_err(|e| e.to_string())?;
+        let devices = DevicesState {
+            serial: lock(&src.serial).save(),
+            i8042: lock(&src.i8042).save(),
+            virtio: src.virtio.iter().map(|t| lock(t).save()).collect(),
+        };
+        // Dirty pages since the last snapshot (or boot/restore): KVM's log of guest writes
+        // plus the VMM's own writes. Read (and so reset) for full snapshots too, so that the
+        // next diff is relative to this snapshot.
+        let dirty = if src.track_dirty {
+            let mut d = crate::vm::take_kvm_dirty(&src.vm, &src.mem).map_err(|e| e.to_string())?;
+            let own = snapshot::memory::take_vmm_dirty(&src.mem);
+            for (k, v) in d.iter_mut().zip(own) {
+                for (a, b) in k.iter_mut().zip(v) {
+                    *a |= b;
+                }
+            }
+            Some(d)
+        } else {
+            None
+        };
+        let dirty_pages = dirty.as_deref().map(snapshot::memory::count_pages);
+        let layout = snapshot::memory::layout_of(
+            &src.mem,
+            if kind == SnapshotKind::Diff {
+                dirty
+            } else {
+                None
+            },
+        );
+        let snap = Snapshot {
+            kind,
+            config: src.config.clone(),
+            cmdline: src.cmdline.clone(),
+            vm,
+            vcpus,
+            devices,
+            memory: layout,
+        };
+        snapshot::memory::write_memory(&src.mem, &snap.memory, mem_path)
+            .map_err(|e| e.to_string())?;
+        snapshot::write_state(state_path, &snap).map_err(|e| e.to_string())?;
+        let took = t0.elapsed();
+        tracing::info!(
+            ?kind,
+            ?dirty_pages,
+            "snapshot written in {:.1} ms",
+            took.as_secs_f64() * 1e3
+        );
+        Ok(json!({
+            "ok": true,
+            "kind": kind,
+            "dirty_pages": dirty_pages,
+            "took_us": took.as_micros() as u64,
+        }))
+    }
+
+    fn handle_snapshot(&mut self, req: &Value) -> Value {
+        let path = |k: &str| req.get(k).and_then(Value::as_str).map(PathBuf::from);
+        let (Some(state), Some(mem)) = (path("state_path"), path("mem_path")) else {
+            return json!({"ok": false, "error": "snapshot needs \"state_path\" and \"mem_path\""});
+        };
+        let kind = match req
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("full")
+            .parse()
+        {
+            Ok(k) => k,
+            Err(e) => return json!({"ok": false, "error": e}),
+        };
+        match self.snapshot(&state, &mem, kind) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("snapshot failed: {e}");
+                json!({"ok": false, "error": e})
+            }
         }
     }
 
@@ -109,9 +294,11 @@ impl Controller {
                 .into_iter()
                 .filter_map(|v| {
                     let (tx, wake) = (stops.clone(), wake.try_clone().ok()?);
-                    std::thread::Builder::new()
-                        .name(format!("vcpu{}", v.id))
-                        .spawn(move || v.run(tx, wake))
+                    let id = v.id;
+                    v.spawn(tx, wake)
+                        .map_err(|e| {
+                            tracing::error!(vcpu = id, "cannot start the vCPU thread: {e}")
+                        })
                         .ok()
                 })
                 .collect()
@@ -122,9 +309,13 @@ impl Controller {
     pub fn start(&mut self) -> bool {
         match self.pending.take() {
             Some(f) => {
+                self.vcpus = f();
                 self.started = Some(self.metrics.start.elapsed());
-                self.threads = f();
-                tracing::info!(vcpus = self.threads.len(), "VM started");
+                tracing::info!(
+                    vcpus = self.vcpus.len(),
+                    "VM started {:.1} ms after VMM start",
+                    self.metrics.start.elapsed().as_secs_f64() * 1e3
+                );
                 true
             }
             None => false,
@@ -263,8 +454,23 @@ impl Controller {
             Some("metrics") => json!({"ok": true, "metrics": self.metrics()}),
             Some("status") => json!({
                 "ok": true,
-                "state": if self.pending.is_some() { "not started" } else { "running" },
+                "state": if self.pending.is_some() {
+                    "not started"
+                } else if self.paused {
+                    "paused"
+                } else {
+                    "running"
+                },
             }),
+            Some("pause") => match self.pause() {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+            Some("resume") => match self.resume() {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+            Some("snapshot") => self.handle_snapshot(&req),
             Some(other) => json!({"ok": false, "error": format!("unknown action {other:?}")}),
             None => json!({"ok": false, "error": "missing \"action\""}),
         }
@@ -295,6 +501,8 @@ impl Controller {
         json!({
             "uptime_us": m.start.elapsed().as_micros() as u64,
             "vcpus_started_us": self.started.map(|d| d.as_micros() as u64),
+            "paused": self.paused,
+            "restore": self.restore_info,
             "boot": boot,
             "vcpus": exits,
             "memory": {

@@ -7,6 +7,7 @@
 //! - [`devices`]: the MMIO/PIO buses, legacy devices (serial, i8042, boot timer) and virtio
 //!   devices (mmio transport, block, vsock).
 //! - [`config`]: the JSON VM configuration.
+//! - [`snapshot`]: pause/resume, snapshot state and memory files, restore.
 //!
 //! The guest is treated as an attacker: nothing it writes into registers, queues or
 //! descriptors may panic the VMM or make it allocate without bound.
@@ -20,5 +21,6 @@ pub mod devices;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -250,3 +250,323 @@ fn emulation_failure_is_reported_with_rip_and_bytes() {
         assert_eq!(out.status.code(), Some(0), "{stderr}");
     }
 }
+
+/// A VMM process with a control socket.
+struct Vm {
+    child: std::process::Child,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Vm {
+    fn spawn(args: &[&str], sock: &Path) -> Vm {
+        let child = Command::new(vmm_bin())
+            .args(args)
+            .arg("--api-sock")
+            .arg(sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("control socket never appeared: {e}"),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Vm {
+            child,
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    fn ask(&mut self, req: Value) -> Value {
+        self.writer.write_all(req.to_string().as_bytes()).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    fn ok(&mut self, req: Value) -> Value {
+        let a = self.ask(req.clone());
+        assert_eq!(a["ok"], true, "{req} -> {a}");
+        a
+    }
+
+    fn snapshot(&mut self, state: &Path, mem: &Path, kind: &str) -> Value {
+        self.ok(serde_json::json!({
+            "action": "snapshot", "state_path": state, "mem_path": mem, "kind": kind,
+        }))
+    }
+
+    fn shutdown(mut self) -> String {
+        self.ok(serde_json::json!({"action": "shutdown"}));
+        let out = wait_with_timeout(self.child, Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        stderr
+    }
+}
+
+/// Counts in RBX forever, storing the count at 0x300000; counts its own starts at 0x300008.
+const COUNTER: &str = r#"
+  incq 0x300008
+  mov 0x300000, %rbx
+1: inc %rbx
+  mov %rbx, 0x300000
+  jmp 1b
+"#;
+const COUNT_AT: usize = 0x300000;
+
+fn u64_at(mem: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(mem[at..at + 8].try_into().unwrap())
+}
+
+fn rbx_of(state: &Path) -> u64 {
+    let (_, s) = vmm::snapshot::read_state(state).unwrap();
+    s.vcpus[0].regs.rbx
+}
+
+fn pause_run(vm: &mut Vm, ms: u64) {
+    vm.ok(serde_json::json!({"action": "resume"}));
+    std::thread::sleep(Duration::from_millis(ms));
+    vm.ok(serde_json::json!({"action": "pause"}));
+}
+
+#[test]
+fn pause_snapshot_restore_and_diff_merge() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let elf = guest_elf(dir.path(), "count", COUNTER);
+    std::fs::write(
+        d("cfg.json"),
+        format!(
+            r#"{{"kernel": "{}", "mem_mib": 32, "vcpus": 2, "track_dirty_pages": true}}"#,
+            elf.display()
+        ),
+    )
+    .unwrap();
+    let mut vm = Vm::spawn(&["--config", d("cfg.json").to_str().unwrap()], &d("a.sock"));
+    std::thread::sleep(Duration::from_millis(200));
+
+    // A running VM cannot be snapshotted; pausing shows in the status.
+    let a =
+        vm.ask(serde_json::json!({"action": "snapshot", "state_path": d("x"), "mem_path": d("y")}));
+    assert_eq!(a["ok"], false);
+    assert!(
+        a["error"].as_str().unwrap().contains("must be paused"),
+        "{a}"
+    );
+    assert_eq!(vm.ask(serde_json::json!({"action": "resume"}))["ok"], false);
+    vm.ok(serde_json::json!({"action": "pause"}));
+    assert_eq!(
+        vm.ok(serde_json::json!({"action": "status"}))["state"],
+        "paused"
+    );
+
+    // Full snapshot: the counter in memory matches RBX (or trails it by the one store).
+    vm.snapshot(&d("full1.state"), &d("full1.mem"), "full");
+    let mem1 = std::fs::read(d("full1.mem")).unwrap();
+    assert_eq!(mem1.len(), 32 << 20);
+    let count1 = u64_at(&mem1, COUNT_AT);
+    let rbx1 = rbx_of(&d("full1.state"));
+    assert!(count1 > 0, "the guest counted");
+    assert!(
+        rbx1 == count1 || rbx1 == count1 + 1,
+        "rbx {rbx1} count {count1}"
+    );
+    assert_eq!(u64_at(&mem1, COUNT_AT + 8), 1);
+
+    // Run on, then a diff and a full snapshot of the same paused moment.
+    pause_run(&mut vm, 200);
+    let diff = vm.snapshot(&d("diff.state"), &d("diff.mem"), "diff");
+    let dirty = diff["dirty_pages"].as_u64().unwrap();
+    assert!((1..1000).contains(&dirty), "only the touched pages: {diff}");
+    vm.snapshot(&d("full2.state"), &d("full2.mem"), "full");
+    vm.ok(serde_json::json!({"action": "resume"}));
+    assert_eq!(
+        vm.ok(serde_json::json!({"action": "status"}))["state"],
+        "running"
+    );
+    vm.shutdown();
+
+    // Base + diff == the full snapshot of the same moment, memory and registers.
+    std::fs::copy(d("full1.mem"), d("merged.mem")).unwrap();
+    let out = Command::new(vmm_bin())
+        .args(["snapshot", "merge", "--base"])
+        .arg(d("merged.mem"))
+        .arg("--diff")
+        .arg(d("diff.mem"))
+        .arg("--diff-state")
+        .arg(d("diff.state"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let merged = std::fs::read(d("merged.mem")).unwrap();
+    let full2 = std::fs::read(d("full2.mem")).unwrap();
+    assert!(
+        merged == full2,
+        "merged diff differs from the full snapshot"
+    );
+    let count2 = u64_at(&full2, COUNT_AT);
+    assert!(count2 > count1);
+    let (_, sd) = vmm::snapshot::read_state(&d("diff.state")).unwrap();
+    let (_, sf) = vmm::snapshot::read_state(&d("full2.state")).unwrap();
+    for (a, b) in sd.vcpus.iter().zip(&sf.vcpus) {
+        assert_eq!(a.regs.rip, b.regs.rip);
+        assert_eq!(a.regs.rbx, b.regs.rbx);
+        assert_eq!(a.sregs.cr3, b.sregs.cr3);
+    }
+    assert_eq!(sd.vcpus.len(), 2, "every vCPU is saved");
+
+    // Restore the first full snapshot in a new VMM: the guest continues from the saved count
+    // (it did not start over: its start counter stays 1).
+    let mut r = Vm::spawn(
+        &[
+            "--restore",
+            d("full1.state").to_str().unwrap(),
+            "--mem",
+            d("full1.mem").to_str().unwrap(),
+            "--no-start",
+        ],
+        &d("b.sock"),
+    );
+    assert_eq!(
+        r.ok(serde_json::json!({"action": "status"}))["state"],
+        "not started"
+    );
+    r.ok(serde_json::json!({"action": "start"}));
+    std::thread::sleep(Duration::from_millis(200));
+    r.ok(serde_json::json!({"action": "pause"}));
+    r.snapshot(&d("r.state"), &d("r.mem"), "full");
+    let m = r.ok(serde_json::json!({"action": "metrics"}));
+    assert!(
+        m["metrics"]["restore"]["build_us"].as_u64().is_some(),
+        "{m}"
+    );
+    assert!(m["metrics"]["vcpus_started_us"].as_u64().is_some(), "{m}");
+    let log = r.shutdown();
+    eprintln!("restored VMM's log:\n{log}");
+    assert!(log.contains("restored in"), "{log}");
+    let rm = std::fs::read(d("r.mem")).unwrap();
+    assert_eq!(
+        u64_at(&rm, COUNT_AT + 8),
+        1,
+        "the restored guest did not restart"
+    );
+    assert!(
+        u64_at(&rm, COUNT_AT) > count1,
+        "the restored guest counted on"
+    );
+    assert!(rbx_of(&d("r.state")) > rbx1);
+    // The memory file was mapped privately: restoring did not change it.
+    assert!(std::fs::read(d("full1.mem")).unwrap() == mem1);
+
+    // The diff restored on its merged base runs on from the diff's moment.
+    let mut r = Vm::spawn(
+        &[
+            "--restore",
+            d("diff.state").to_str().unwrap(),
+            "--mem",
+            d("merged.mem").to_str().unwrap(),
+        ],
+        &d("c.sock"),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    r.ok(serde_json::json!({"action": "pause"}));
+    r.snapshot(&d("r2.state"), &d("r2.mem"), "full");
+    r.shutdown();
+    let rm = std::fs::read(d("r2.mem")).unwrap();
+    assert!(u64_at(&rm, COUNT_AT) > count2);
+    assert_eq!(u64_at(&rm, COUNT_AT + 8), 1);
+}
+
+#[test]
+fn corrupt_truncated_and_mismatched_snapshots_are_refused() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let elf = guest_elf(dir.path(), "spin", "1: pause\n jmp 1b\n");
+    std::fs::write(
+        d("cfg.json"),
+        format!(r#"{{"kernel": "{}", "mem_mib": 32}}"#, elf.display()),
+    )
+    .unwrap();
+    let mut vm = Vm::spawn(&["--config", d("cfg.json").to_str().unwrap()], &d("a.sock"));
+    vm.ok(serde_json::json!({"action": "pause"}));
+    vm.snapshot(&d("s"), &d("m"), "full");
+    let a = vm.ask(serde_json::json!({"action": "snapshot", "state_path": d("s2"), "mem_path": d("m2"), "kind": "diff"}));
+    assert!(
+        a["error"].as_str().unwrap().contains("dirty page tracking"),
+        "{a}"
+    );
+    vm.shutdown();
+    let good = std::fs::read(d("s")).unwrap();
+
+    let restore = |state: &Path, mem: &Path| -> (Option<i32>, String) {
+        let out = Command::new(vmm_bin())
+            .arg("--restore")
+            .arg(state)
+            .arg("--mem")
+            .arg(mem)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 1;
+    std::fs::write(d("corrupt"), &corrupt).unwrap();
+    std::fs::write(d("short"), &good[..good.len() / 3]).unwrap();
+    let mut old = good.clone();
+    old[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(d("old"), &old).unwrap();
+    std::fs::write(d("small.mem"), vec![0u8; 1 << 20]).unwrap();
+    for (state, mem, needle) in [
+        (d("corrupt"), d("m"), "checksum mismatch"),
+        (d("short"), d("m"), "is truncated"),
+        (d("old"), d("m"), "has format version 99"),
+        (
+            d("s"),
+            d("small.mem"),
+            "but the snapshot's guest memory is 33554432 bytes",
+        ),
+        (d("s"), d("nothing.mem"), "is missing"),
+    ] {
+        let (code, stderr) = restore(&state, &mem);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    // And the good one restores.
+    let r = Vm::spawn(
+        &[
+            "--restore",
+            d("s").to_str().unwrap(),
+            "--mem",
+            d("m").to_str().unwrap(),
+        ],
+        &d("b.sock"),
+    );
+    r.shutdown();
+}

@@ -12,7 +12,7 @@ pub struct LambdaError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    /// Extra JSON fields (e.g. `Reason` on throttles).
+    /// The `Reason` field of the body (throttles: Lambda's `ThrottleReason`).
     pub reason: Option<&'static str>,
 }
 
@@ -74,6 +74,27 @@ impl LambdaError {
         }
     }
 
+    /// A 429 with Lambda's `Reason` (e.g. `ReservedFunctionConcurrentInvocationLimitExceeded`).
+    pub fn throttled_with_reason(reason: &'static str, message: impl Into<String>) -> Self {
+        LambdaError {
+            reason: Some(reason),
+            ..Self::throttled(message)
+        }
+    }
+
+    /// The agent is shutting down and takes no new invocations.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceException", message)
+    }
+
+    pub fn provisioned_config_not_found(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "ProvisionedConcurrencyConfigNotFoundException",
+            message,
+        )
+    }
+
     pub fn service(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -116,5 +137,38 @@ impl From<crate::functions::ValidationError> for LambdaError {
             V::Constraint(_) => LambdaError::validation(e.to_string()),
             V::Invalid(m) => LambdaError::invalid_parameter(m),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn throttles_carry_their_reason() {
+        let res = LambdaError::throttled_with_reason(
+            "ReservedFunctionConcurrentInvocationLimitExceeded",
+            "Rate Exceeded.",
+        )
+        .into_response();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            res.headers()["x-amzn-errortype"],
+            "TooManyRequestsException"
+        );
+        let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({"Type": "User", "message": "Rate Exceeded.",
+                   "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded"})
+        );
+        let plain = LambdaError::not_found("x").into_response();
+        let body = axum::body::to_bytes(plain.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&body).contains("Reason"));
     }
 }

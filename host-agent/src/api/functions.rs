@@ -26,6 +26,7 @@ impl From<RegistryError> for LambdaError {
             RegistryError::Exists(_) => LambdaError::conflict(e.to_string()),
             RegistryError::NotFound(_) => LambdaError::not_found(e.to_string()),
             RegistryError::Archive(a) => LambdaError::invalid_parameter(a.to_string()),
+            RegistryError::BadImage { .. } => LambdaError::invalid_parameter(e.to_string()),
             RegistryError::Io(io) => {
                 tracing::error!(error = %io, "function store I/O error");
                 LambdaError::service(format!("function store I/O error: {io}"))
@@ -131,12 +132,22 @@ pub async fn get(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, LambdaError> {
     let f = lookup(&state.registry, &name, &q)?;
-    let zip = f.code_dir.with_file_name("code.zip");
-    Ok(Json(json!({
-        "Configuration": f.config,
-        "Code": { "RepositoryType": "Local", "Location": format!("file://{}", zip.display()) },
-    }))
-    .into_response())
+    let code = match f.image_source() {
+        Some(image) => json!({
+            "RepositoryType": "Local",
+            "ImageUri": image.display().to_string(),
+            "ResolvedImageUri": format!("{}@sha256:{}", image.display(), f.config.code_sha256),
+        }),
+        None => {
+            let zip = f.code_dir.with_file_name("code.zip");
+            json!({ "RepositoryType": "Local", "Location": format!("file://{}", zip.display()) })
+        }
+    };
+    let mut body = json!({ "Configuration": f.config, "Code": code });
+    if let Some(n) = state.pool.reserved(&f.config.function_name) {
+        body["Concurrency"] = json!({ "ReservedConcurrentExecutions": n });
+    }
+    Ok(Json(body).into_response())
 }
 
 pub async fn get_configuration(

@@ -54,12 +54,7 @@ async fn handle(
     let function = lookup(&state.registry, name, q)?;
     let invocation_type = header(headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     match invocation_type {
-        "RequestResponse" | "DryRun" => {}
-        "Event" => {
-            return Err(LambdaError::invalid_parameter(
-                "InvocationType Event (asynchronous invocation) is not supported by this Kindling version yet",
-            ))
-        }
+        "RequestResponse" | "DryRun" | "Event" => {}
         other => {
             return Err(LambdaError::validation(format!(
                 "1 validation error detected: Value '{other}' at 'invocationType' failed to satisfy constraint: \
@@ -79,6 +74,11 @@ async fn handle(
         None => None,
         Some(b64) => Some(decode_client_context(b64)?),
     };
+    if invocation_type == "Event" {
+        // Queued durably (1 MiB limit), then 202: see api/event_config.rs and events/.
+        return super::event_config::enqueue(&state, &function, client_context, body, request_id)
+            .await;
+    }
     let payload = read_payload(body).await?;
     if invocation_type == "DryRun" {
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -90,16 +90,29 @@ async fn handle(
         client_context,
         trace_id: new_trace_id(),
     };
+    // `X-Amz-Log-Type: Tail`: the last 4 KB of this invocation's log, once it has ended.
+    let tail = (header(headers, "x-amz-log-type") == Some("Tail"))
+        .then(|| state.logs.want_tail(request_id));
+    let fname = function.config.function_name.clone();
     // The invocation runs in its own task: a caller that hangs up does not cut it short
     // (Lambda runs it to the end), and the environment is returned or stopped properly.
     let pool = state.pool.clone();
     let outcome = tokio::spawn(async move { pool.invoke(function, req).await })
         .await
         .map_err(|e| LambdaError::service(format!("invocation task failed: {e}")))?;
+    state.metrics.record_result(&fname, &outcome);
     let outcome = match outcome {
         Ok(o) => o,
-        Err(PoolError::Throttled(_)) => {
-            return Err(LambdaError::throttled("Rate Exceeded."));
+        Err(PoolError::Throttled(reason)) => {
+            return Err(LambdaError::throttled_with_reason(
+                reason.as_str(),
+                "Rate Exceeded.",
+            ));
+        }
+        Err(PoolError::ShuttingDown) => {
+            return Err(LambdaError::unavailable(
+                "The agent is shutting down and takes no new invocations.",
+            ));
         }
         Err(PoolError::Start(StartError::Function(report))) => InvokeOutcome::Error(report),
         Err(PoolError::Start(e @ StartError::InitTimeout(_))) => {
@@ -110,7 +123,14 @@ async fn handle(
             return Err(LambdaError::service(msg));
         }
     };
-    Ok(outcome_response(outcome))
+    let mut res = outcome_response(outcome);
+    if let Some(log) = tail.and_then(crate::logs::TailRequest::take) {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(log);
+        if let Ok(v) = HeaderValue::from_str(&b64) {
+            res.headers_mut().insert("x-amz-log-result", v);
+        }
+    }
+    Ok(res)
 }
 
 fn outcome_response(outcome: InvokeOutcome) -> Response {

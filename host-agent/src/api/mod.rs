@@ -1,14 +1,16 @@
 //! Lambda's own HTTP API on the agent's listener, so the AWS CLI and SDKs work with an
 //! endpoint override. Requests are not authenticated: SigV4 signatures are accepted unchecked.
 
+mod concurrency;
 mod error;
+mod event_config;
 mod functions;
 mod invoke;
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use error::LambdaError;
@@ -20,6 +22,11 @@ use crate::pool::Pool;
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub pool: Arc<Pool>,
+    /// The durable queue of asynchronous invocations (and the local destination queues).
+    pub events: Arc<crate::events::EventQueue>,
+    /// Function logs (and the per-invocation tails for `X-Amz-Log-Type: Tail`).
+    pub logs: Arc<crate::logs::LogStore>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -45,6 +52,41 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(invoke::invoke),
+        )
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config",
+            put(event_config::put)
+                .post(event_config::update)
+                .get(event_config::get)
+                .delete(event_config::delete),
+        )
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config/list",
+            get(event_config::list),
+        )
+        .route("/kindling/v1/queues", get(event_config::queues))
+        .route(
+            "/kindling/v1/queues/{queue}/messages",
+            get(event_config::messages).delete(event_config::purge),
+        )
+        .route(
+            "/kindling/v1/functions/{name}/logs",
+            get(crate::logs::http_get_logs),
+        )
+        .route("/metrics", get(crate::metrics::http_get_metrics))
+        .route(
+            "/2017-10-31/functions/{name}/concurrency",
+            put(concurrency::put_reserved).delete(concurrency::delete_reserved),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/concurrency",
+            get(concurrency::get_reserved),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/provisioned-concurrency",
+            put(concurrency::put_provisioned)
+                .get(concurrency::get_provisioned)
+                .delete(concurrency::delete_provisioned),
         )
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { LambdaError::unknown_operation() })

@@ -70,6 +70,35 @@ pub struct CreateFunctionRequest {
     pub environment: Option<EnvironmentInput>,
     pub package_type: Option<String>,
     pub architectures: Option<Vec<String>>,
+    pub image_config: Option<ImageConfig>,
+}
+
+/// A container image function's overrides of its image's ENTRYPOINT, CMD and WORKDIR
+/// (Lambda's `ImageConfig`, in requests and in `ImageConfigResponse`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_directory: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageConfigResponse {
+    pub image_config: ImageConfig,
+}
+
+/// Where a container image function's image came from and what overrides it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// `Code.ImageUri`: on Kindling, a local path to an OCI layout directory or a
+    /// `docker save` / OCI archive tarball (the agent copies it at create time).
+    pub uri: String,
+    pub config: ImageConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,23 +157,37 @@ pub struct NewFunction {
     pub memory_size: u32,
     pub variables: BTreeMap<String, String>,
     pub architecture: String,
+    /// `Some` for `PackageType: Image` functions (the code bytes are then empty).
+    pub image: Option<ImageSpec>,
 }
 
 impl CreateFunctionRequest {
     /// Checks the request the way Lambda does and returns the settings plus the decoded zip.
-    pub fn validate(self) -> Result<(NewFunction, Vec<u8>), ValidationError> {
+    pub fn validate(mut self) -> Result<(NewFunction, Vec<u8>), ValidationError> {
         let name = self
             .function_name
+            .take()
             .ok_or_else(|| constraint("Value null at 'functionName' failed to satisfy constraint: Member must not be null"))?;
         if !is_valid_name(&name) {
             return Err(name_constraint(&name, "functionName"));
         }
-        if let Some(pt) = &self.package_type {
-            if pt != "Zip" {
-                return Err(invalid(format!(
-                    "PackageType {pt} is not supported: only Zip packages are"
-                )));
+        let is_image = match self.package_type.as_deref() {
+            None | Some("Zip") => false,
+            Some("Image") => true,
+            Some(other) => {
+                return Err(constraint(format!(
+                    "Value '{other}' at 'packageType' failed to satisfy constraint: Member must \
+                     satisfy enum value set: [Image, Zip]"
+                )))
             }
+        };
+        if is_image {
+            return self.validate_image(name);
+        }
+        if self.image_config.is_some() {
+            return Err(invalid(
+                "ImageConfig is only supported for functions with the Image package type",
+            ));
         }
         let runtime = self
             .runtime
@@ -172,22 +215,136 @@ impl CreateFunctionRequest {
                 "Value '{handler}' at 'handler' failed to satisfy constraint: Member must have length less than or equal to 128"
             )));
         }
-        let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
+        let common = Common::validate(
+            self.timeout,
+            self.memory_size,
+            self.environment,
+            self.architectures,
+        )?;
+        let code = self.code.ok_or_else(|| {
+            constraint("Value null at 'code' failed to satisfy constraint: Member must not be null")
+        })?;
+        if code.s3_bucket.is_some() {
+            return Err(invalid(
+                "Code.S3Bucket is not supported: upload the ZIP as Code.ZipFile",
+            ));
+        }
+        if code.image_uri.is_some() {
+            return Err(invalid(
+                "Code.ImageUri is only valid with PackageType Image",
+            ));
+        }
+        let zip_b64 = code
+            .zip_file
+            .ok_or_else(|| invalid("Code.ZipFile is required"))?;
+        use base64::Engine as _;
+        let zip = base64::engine::general_purpose::STANDARD
+            .decode(zip_b64.trim())
+            .map_err(|_| invalid("Code.ZipFile is not valid base64"))?;
+        Ok((
+            NewFunction {
+                name,
+                runtime,
+                handler,
+                role: self.role.unwrap_or_default(),
+                description: self.description.unwrap_or_default(),
+                timeout: common.timeout,
+                memory_size: common.memory_size,
+                variables: common.variables,
+                architecture: common.architecture,
+                image: None,
+            },
+            zip,
+        ))
+    }
+
+    /// A `PackageType: Image` request: an image path instead of a ZIP, no runtime or handler.
+    fn validate_image(self, name: String) -> Result<(NewFunction, Vec<u8>), ValidationError> {
+        if self.runtime.is_some() || self.handler.is_some() {
+            return Err(invalid(
+                "Runtime and Handler are not supported for the Image package type: the image's \
+                 ENTRYPOINT and CMD (or ImageConfig) say what runs",
+            ));
+        }
+        let common = Common::validate(
+            self.timeout,
+            self.memory_size,
+            self.environment,
+            self.architectures,
+        )?;
+        let code = self.code.ok_or_else(|| {
+            constraint("Value null at 'code' failed to satisfy constraint: Member must not be null")
+        })?;
+        if code.zip_file.is_some() || code.s3_bucket.is_some() {
+            return Err(invalid(
+                "Code.ZipFile and Code.S3Bucket are not valid with PackageType Image: give Code.ImageUri",
+            ));
+        }
+        let uri = code
+            .image_uri
+            .ok_or_else(|| invalid("Code.ImageUri is required for the Image package type"))?;
+        if !uri.starts_with('/') {
+            return Err(invalid(format!(
+                "Source image {uri} is not valid: Kindling takes an absolute local path to an OCI \
+                 layout directory or an image tarball (`docker save`, OCI archive)"
+            )));
+        }
+        let config = self.image_config.unwrap_or_default();
+        if let Some(d) = &config.working_directory {
+            if !d.is_empty() && !d.starts_with('/') {
+                return Err(invalid(format!(
+                    "ImageConfig.WorkingDirectory {d} must be an absolute path"
+                )));
+            }
+        }
+        Ok((
+            NewFunction {
+                name,
+                runtime: String::new(),
+                handler: String::new(),
+                role: self.role.unwrap_or_default(),
+                description: self.description.unwrap_or_default(),
+                timeout: common.timeout,
+                memory_size: common.memory_size,
+                variables: common.variables,
+                architecture: common.architecture,
+                image: Some(ImageSpec { uri, config }),
+            },
+            Vec::new(),
+        ))
+    }
+}
+
+/// The settings every package type shares, validated.
+struct Common {
+    timeout: u32,
+    memory_size: u32,
+    variables: BTreeMap<String, String>,
+    architecture: String,
+}
+
+impl Common {
+    fn validate(
+        timeout: Option<u32>,
+        memory_size: Option<u32>,
+        environment: Option<EnvironmentInput>,
+        architectures: Option<Vec<String>>,
+    ) -> Result<Common, ValidationError> {
+        let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT_S);
         if !(1..=MAX_TIMEOUT_S).contains(&timeout) {
             return Err(constraint(format!(
                 "Value '{timeout}' at 'timeout' failed to satisfy constraint: Member must have value \
                  between 1 and {MAX_TIMEOUT_S}"
             )));
         }
-        let memory_size = self.memory_size.unwrap_or(DEFAULT_MEMORY_MB);
+        let memory_size = memory_size.unwrap_or(DEFAULT_MEMORY_MB);
         if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&memory_size) {
             return Err(constraint(format!(
                 "Value '{memory_size}' at 'memorySize' failed to satisfy constraint: Member must have \
                  value between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"
             )));
         }
-        let variables = self
-            .environment
+        let variables = environment
             .and_then(|e| e.variables)
             .unwrap_or_default();
         let reserved: Vec<&str> = variables
@@ -208,7 +365,7 @@ impl CreateFunctionRequest {
                 "Environment variable name '{bad}' is not valid: it must match [a-zA-Z][a-zA-Z0-9_]+"
             )));
         }
-        let architecture = match self.architectures.as_deref() {
+        let architecture = match architectures.as_deref() {
             None | Some([]) => "x86_64".to_string(),
             Some([a]) if a == "x86_64" => a.clone(),
             Some(other) => {
@@ -218,35 +375,12 @@ impl CreateFunctionRequest {
                 )))
             }
         };
-        let code = self.code.ok_or_else(|| {
-            constraint("Value null at 'code' failed to satisfy constraint: Member must not be null")
-        })?;
-        if code.s3_bucket.is_some() || code.image_uri.is_some() {
-            return Err(invalid(
-                "Only Code.ZipFile is supported: S3 and container image code are not",
-            ));
-        }
-        let zip_b64 = code
-            .zip_file
-            .ok_or_else(|| invalid("Code.ZipFile is required"))?;
-        use base64::Engine as _;
-        let zip = base64::engine::general_purpose::STANDARD
-            .decode(zip_b64.trim())
-            .map_err(|_| invalid("Code.ZipFile is not valid base64"))?;
-        Ok((
-            NewFunction {
-                name,
-                runtime,
-                handler,
-                role: self.role.unwrap_or_default(),
-                description: self.description.unwrap_or_default(),
-                timeout,
-                memory_size,
-                variables,
-                architecture,
-            },
-            zip,
-        ))
+        Ok(Common {
+            timeout,
+            memory_size,
+            variables,
+            architecture,
+        })
     }
 }
 
@@ -274,8 +408,11 @@ fn is_valid_env_key(k: &str) -> bool {
 pub struct FunctionConfiguration {
     pub function_name: String,
     pub function_arn: String,
+    /// Empty (and left out of the JSON) for container image functions, as in Lambda.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub runtime: String,
     pub role: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub handler: String,
     pub code_size: u64,
     pub description: String,
@@ -292,6 +429,9 @@ pub struct FunctionConfiguration {
     pub package_type: String,
     pub architectures: Vec<String>,
     pub ephemeral_storage: EphemeralStorage,
+    /// Container image functions: their ImageConfig overrides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_config_response: Option<ImageConfigResponse>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -304,6 +444,26 @@ pub struct EnvironmentResponse {
 #[serde(rename_all = "PascalCase")]
 pub struct EphemeralStorage {
     pub size: u32,
+}
+
+/// A function's concurrency settings (PutFunctionConcurrency, PutProvisionedConcurrencyConfig),
+/// stored beside its configuration in `concurrency.json`: Lambda keeps them out of
+/// `FunctionConfiguration`, and changing them does not change the RevisionId.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ConcurrencySettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_concurrent_executions: Option<u32>,
+    /// Provisioned concurrency of `$LATEST` (the only qualifier Kindling has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioned: Option<ProvisionedSetting>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ProvisionedSetting {
+    pub requested_provisioned_concurrent_executions: u32,
+    pub last_modified: String,
 }
 
 /// A function named in a URL: a name, a partial ARN or a full ARN, with an optional qualifier.
@@ -412,6 +572,30 @@ mod tests {
                 serde_json::json!({"Runtime": "provided.al2023", "Code": {"ZipFile": ""}}),
                 "must not be null",
             ),
+            (
+                serde_json::json!({"FunctionName": "f", "PackageType": "Docker", "Code": {"ImageUri": "/i"}}),
+                "'packageType'",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "PackageType": "Image", "Runtime": "python3.11", "Code": {"ImageUri": "/i"}}),
+                "not supported for the Image package type",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "PackageType": "Image", "Code": {"ZipFile": ""}}),
+                "not valid with PackageType Image",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "PackageType": "Image", "Code": {"ImageUri": "123.dkr.ecr.us-east-1.amazonaws.com/r:t"}}),
+                "absolute local path",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "PackageType": "Image", "Code": {"ImageUri": "/i"}, "ImageConfig": {"WorkingDirectory": "rel"}}),
+                "absolute path",
+            ),
+            (
+                serde_json::json!({"FunctionName": "f", "Runtime": "provided.al2023", "Code": {"ImageUri": "/i"}}),
+                "only valid with PackageType Image",
+            ),
         ];
         for (json, needle) in cases {
             let err = req(json.clone()).validate().unwrap_err();
@@ -426,5 +610,24 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn image_functions_take_a_path_and_overrides() {
+        let (f, code) = req(serde_json::json!({
+            "FunctionName": "img", "PackageType": "Image", "MemorySize": 256,
+            "Code": {"ImageUri": "/srv/images/app.tar"},
+            "ImageConfig": {"EntryPoint": ["/app/run"], "Command": ["h"], "WorkingDirectory": "/app"}
+        }))
+        .validate()
+        .unwrap();
+        assert!(code.is_empty());
+        assert_eq!(f.memory_size, 256);
+        assert!(f.runtime.is_empty() && f.handler.is_empty());
+        let image = f.image.unwrap();
+        assert_eq!(image.uri, "/srv/images/app.tar");
+        assert_eq!(image.config.entry_point, Some(vec!["/app/run".to_string()]));
+        assert_eq!(image.config.command, Some(vec!["h".to_string()]));
+        assert_eq!(image.config.working_directory.as_deref(), Some("/app"));
     }
 }

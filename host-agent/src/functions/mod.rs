@@ -8,7 +8,7 @@ pub use archive::{
     build_zip, extract_zip, zip_dir, ArchiveError, ZipEntry, MAX_UNZIPPED_BYTES, MAX_ZIP_BYTES,
 };
 pub use config::{
-    name_constraint, parse_function_ref, CreateFunctionRequest, FunctionConfiguration, FunctionRef,
-    NewFunction, Runtime, ValidationError,
+    name_constraint, parse_function_ref, ConcurrencySettings, CreateFunctionRequest,
+    FunctionConfiguration, FunctionRef, NewFunction, ProvisionedSetting, Runtime, ValidationError,
 };
 pub use store::{Function, Registry, RegistryError};

@@ -5,6 +5,9 @@
 //! functions/<name>/code.zip      the archive as uploaded (CodeSha256 is over it)
 //! functions/<name>/code/         the unpacked task root
 //! ```
+//! A container image function (`PackageType: Image`) keeps a copy of its image instead of
+//! the ZIP: `code/` is the OCI layout directory, or `code/image.tar` the tarball, checked at
+//! create time by unpacking it once.
 //! A function appears atomically: it is built in `functions/.staging-<uuid>` and renamed into
 //! place. Deletion renames to `functions/.trash-<uuid>` first. Leftovers of either (a crash
 //! mid-way) are removed at start.
@@ -20,7 +23,8 @@ use sha2::{Digest, Sha256};
 
 use super::archive::{extract_zip, ArchiveError};
 use super::config::{
-    is_valid_name, EnvironmentResponse, EphemeralStorage, FunctionConfiguration, NewFunction,
+    is_valid_name, ConcurrencySettings, EnvironmentResponse, EphemeralStorage,
+    FunctionConfiguration, ImageConfigResponse, NewFunction,
 };
 
 /// A deployed function: its configuration and where its code lives.
@@ -39,6 +43,9 @@ pub enum RegistryError {
     NotFound(String),
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    /// The container image cannot be read or used.
+    #[error("Source image {uri} is not usable: {reason}")]
+    BadImage { uri: String, reason: String },
     #[error("function store I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -146,17 +153,29 @@ impl Registry {
         zip: &[u8],
     ) -> Result<FunctionConfiguration, RegistryError> {
         let code = staging.join("code");
-        fs::create_dir_all(&code)?;
-        extract_zip(zip, &code)?;
-        write_synced(&staging.join("code.zip"), zip)?;
-        let sha = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(zip));
+        let (package_type, code_size, sha) = match &new.image {
+            None => {
+                fs::create_dir_all(&code)?;
+                extract_zip(zip, &code)?;
+                write_synced(&staging.join("code.zip"), zip)?;
+                let sha = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(zip));
+                ("Zip", zip.len() as u64, sha)
+            }
+            Some(image) => {
+                let (size, sha) = store_image(&image.uri, &code)?;
+                ("Image", size, sha)
+            }
+        };
+        let image_config_response = new.image.as_ref().map(|i| ImageConfigResponse {
+            image_config: i.config.clone(),
+        });
         let config = FunctionConfiguration {
             function_arn: self.arn(&new.name),
             function_name: new.name,
             runtime: new.runtime,
             role: new.role,
             handler: new.handler,
-            code_size: zip.len() as u64,
+            code_size,
             description: new.description,
             timeout: new.timeout,
             memory_size: new.memory_size,
@@ -171,13 +190,45 @@ impl Registry {
             revision_id: uuid::Uuid::new_v4().to_string(),
             state: "Active".into(),
             last_update_status: "Successful".into(),
-            package_type: "Zip".into(),
+            package_type: package_type.into(),
             architectures: vec![new.architecture],
             ephemeral_storage: EphemeralStorage { size: 512 },
+            image_config_response,
         };
         let json = serde_json::to_vec_pretty(&config).map_err(io::Error::other)?;
         write_synced(&staging.join("config.json"), &json)?;
         Ok(config)
+    }
+
+    /// A function's concurrency settings (`functions/<name>/concurrency.json`; none stored =
+    /// the defaults). Blocking (file I/O).
+    pub fn concurrency(&self, name: &str) -> Result<ConcurrencySettings, RegistryError> {
+        match fs::read(self.root.join(name).join(CONCURRENCY_FILE)) {
+            Ok(json) => serde_json::from_slice(&json).map_err(|e| {
+                RegistryError::Io(io::Error::other(format!("{CONCURRENCY_FILE}: {e}")))
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ConcurrencySettings::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores a function's concurrency settings (atomically: a temporary file renamed into
+    /// place). Blocking (file I/O).
+    pub fn set_concurrency(
+        &self,
+        name: &str,
+        settings: &ConcurrencySettings,
+    ) -> Result<(), RegistryError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.read().contains_key(name) {
+            return Err(RegistryError::NotFound(self.arn(name)));
+        }
+        let dir = self.root.join(name);
+        let tmp = dir.join(format!(".{CONCURRENCY_FILE}.tmp"));
+        let json = serde_json::to_vec_pretty(settings).map_err(io::Error::other)?;
+        write_synced(&tmp, &json)?;
+        fs::rename(&tmp, dir.join(CONCURRENCY_FILE))?;
+        Ok(())
     }
 
     /// Removes a function and its code. Blocking (file I/O).
@@ -194,6 +245,87 @@ impl Registry {
         }
         Ok(f)
     }
+}
+
+/// Where a function's concurrency settings live, beside `config.json`.
+const CONCURRENCY_FILE: &str = "concurrency.json";
+
+/// The file name of a stored image tarball inside `code/`.
+const IMAGE_TAR: &str = "image.tar";
+
+impl Function {
+    /// A container image function's stored image (layout directory or tarball); `None` for
+    /// ZIP functions.
+    pub fn image_source(&self) -> Option<PathBuf> {
+        if self.config.package_type != "Image" {
+            return None;
+        }
+        let tar = self.code_dir.join(IMAGE_TAR);
+        Some(if tar.is_file() {
+            tar
+        } else {
+            self.code_dir.clone()
+        })
+    }
+}
+
+/// Copies the image at `uri` (a local path) into `code`, then unpacks the copy once into a
+/// scratch directory so that a bad image is refused now, with its reason, rather than at the
+/// first cold start. Returns the stored size and the CodeSha256: hex SHA-256 of the tarball,
+/// or of a layout's `index.json` (which pins every manifest, config and layer by digest).
+fn store_image(uri: &str, code: &Path) -> Result<(u64, String), RegistryError> {
+    let bad = |reason: String| RegistryError::BadImage {
+        uri: uri.to_string(),
+        reason,
+    };
+    let src = Path::new(uri);
+    let meta = fs::metadata(src).map_err(|e| bad(e.to_string()))?;
+    let (stored, size, sha) = if meta.is_dir() {
+        let index = fs::read(src.join("index.json"))
+            .map_err(|e| bad(format!("index.json: {e} (not an OCI layout directory)")))?;
+        let size = copy_tree(src, code)?;
+        (code.to_path_buf(), size, format!("{:x}", Sha256::digest(&index)))
+    } else if meta.is_file() {
+        fs::create_dir_all(code)?;
+        let dest = code.join(IMAGE_TAR);
+        let size = fs::copy(src, &dest)?;
+        let mut hasher = Sha256::new();
+        io::copy(&mut fs::File::open(&dest)?, &mut hasher)?;
+        (dest, size, format!("{:x}", hasher.finalize()))
+    } else {
+        return Err(bad("neither a directory nor a file".into()));
+    };
+    let scratch = tempfile::tempdir()?;
+    let (root, unpacked) = (scratch.path().join("root"), scratch.path().join("tar"));
+    fs::create_dir_all(&root)?;
+    fs::create_dir_all(&unpacked)?;
+    rootfs::image::oci::unpack_image(&stored, &root, &unpacked, &mut |_| {})
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((size, sha))
+}
+
+/// Copies a directory tree of plain files and directories; returns the bytes copied.
+/// Symbolic links are refused: an OCI layout has none, and following one could copy
+/// anything on the host.
+fn copy_tree(src: &Path, dst: &Path) -> Result<u64, RegistryError> {
+    fs::create_dir_all(dst)?;
+    let mut total = 0;
+    for entry in fs::read_dir(src)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        let to = dst.join(entry.file_name());
+        if ty.is_dir() {
+            total += copy_tree(&entry.path(), &to)?;
+        } else if ty.is_file() {
+            total += fs::copy(entry.path(), &to)?;
+        } else {
+            return Err(RegistryError::BadImage {
+                uri: src.display().to_string(),
+                reason: format!("{} is not a regular file", entry.path().display()),
+            });
+        }
+    }
+    Ok(total)
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {

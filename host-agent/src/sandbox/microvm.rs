@@ -15,7 +15,7 @@
 //! whose `bootstrap` is statically linked (no base with a C library yet). Each environment
 //! boots from scratch (snapshots are issue #6).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -29,6 +29,7 @@ use tokio::process::{Child, Command};
 
 use super::{Backend, EnvSpec, InvokeRequest, Sandbox, StartError};
 use crate::functions::{Function, Runtime};
+use crate::logs::{EnvLog, InvocationEnd, LogStore};
 
 /// Where the function's code is inside the guest.
 const TASK_ROOT: &str = "/var/task";
@@ -55,20 +56,21 @@ pub struct MicrovmConfig {
 
 pub struct MicrovmBackend {
     cfg: MicrovmConfig,
+    logs: Arc<LogStore>,
 }
 
 impl MicrovmBackend {
     /// Empties the environment and image directories: environments do not outlive the
     /// agent, and images are rebuilt on demand (about a second each), so images of deleted
     /// functions or old revisions do not pile up across restarts.
-    pub fn new(cfg: MicrovmConfig) -> std::io::Result<Self> {
+    pub fn new(cfg: MicrovmConfig, logs: Arc<LogStore>) -> std::io::Result<Self> {
         for dir in [&cfg.envs_dir, &cfg.images_dir] {
             if dir.exists() {
                 std::fs::remove_dir_all(dir)?;
             }
             std::fs::create_dir_all(dir)?;
         }
-        Ok(MicrovmBackend { cfg })
+        Ok(MicrovmBackend { cfg, logs })
     }
 
     /// The read-only ext4 root image for this function revision, built when missing: the
@@ -79,14 +81,32 @@ impl MicrovmBackend {
         cfg: &MicrovmConfig,
         f: &Function,
     ) -> Result<(PathBuf, &'static str), StartError> {
+        let dir = cfg.images_dir.join(&f.config.function_name);
+        let path = dir.join(format!("{}.ext4", f.config.revision_id));
+        if let Some(source) = f.image_source() {
+            // A container image: its layers are the root; guest-init goes beside them.
+            let init = "/var/kindling/init";
+            if !path.is_file() {
+                std::fs::create_dir_all(&dir).map_err(|e| StartError::Host(e.to_string()))?;
+                rootfs::image::build(rootfs::image::BuildOptions {
+                    base: None,
+                    source: rootfs::image::Source::Oci(source),
+                    out: path.clone(),
+                    guest_init: Some(cfg.guest_init.clone()),
+                    progress: None,
+                })
+                .map_err(|e| {
+                    StartError::Host(format!("root image for {}: {e}", f.config.function_name))
+                })?;
+            }
+            return Ok((path, init));
+        }
         let runtime = Runtime::parse(&f.config.runtime)
             .ok_or_else(|| StartError::Host(format!("unsupported runtime {}", f.config.runtime)))?;
         let init = match runtime {
             Runtime::Provided => "/sbin/init",
             Runtime::Python311 => "/var/kindling/init",
         };
-        let dir = cfg.images_dir.join(&f.config.function_name);
-        let path = dir.join(format!("{}.ext4", f.config.revision_id));
         if path.is_file() {
             return Ok((path, init));
         }
@@ -196,6 +216,21 @@ impl Backend for MicrovmBackend {
         let child = cmd
             .spawn()
             .map_err(|e| StartError::Host(format!("spawning {}: {e}", self.cfg.vmm.display())))?;
+        let stream_name = format!(
+            "{}/[{}]{}",
+            chrono::Utc::now().format("%Y/%m/%d"),
+            f.config.version,
+            id
+        );
+        let log = self
+            .logs
+            .env_log(
+                &f.config.function_name,
+                f.config.memory_size,
+                stream_name,
+                spec.initialization_type == super::InitializationType::ProvisionedConcurrency,
+            )
+            .map_err(|e| StartError::Host(e.to_string()))?;
         let mut env = MicrovmSandbox {
             id: id.clone(),
             function: f.clone(),
@@ -204,6 +239,8 @@ impl Backend for MicrovmBackend {
             decoder: Decoder::new(),
             env_dir,
             broken: false,
+            log,
+            pending: VecDeque::new(),
         };
         let boot_start = Instant::now();
 
@@ -241,6 +278,9 @@ pub struct MicrovmSandbox {
     decoder: Decoder,
     env_dir: PathBuf,
     broken: bool,
+    log: Arc<EnvLog>,
+    /// Frames read ahead while draining log lines, handed out by `recv` first.
+    pending: VecDeque<Message>,
 }
 
 impl MicrovmSandbox {
@@ -252,6 +292,9 @@ impl MicrovmSandbox {
     }
 
     async fn recv(&mut self) -> Result<Message, proto::ProtoError> {
+        if let Some(m) = self.pending.pop_front() {
+            return Ok(m);
+        }
         match self.stream.as_mut() {
             Some(s) => proto::read_message_async(s, &mut self.decoder).await,
             None => Err(proto::ProtoError::Closed),
@@ -259,8 +302,35 @@ impl MicrovmSandbox {
     }
 
     fn log_line(&self, l: &proto::Log) {
+        let text = String::from_utf8_lossy(&l.line);
+        let text = text.trim_end_matches(['\n', '\r']);
         tracing::info!(target: "kindling::function", function = %self.function.config.function_name,
-            env = %self.id, "{}", String::from_utf8_lossy(&l.line));
+            env = %self.id, "{}", text);
+        self.log.line(text);
+    }
+
+    /// Logs the Log frames that have already arrived, without waiting for more (reading a
+    /// frame is cancel-safe); any other frame is kept for `recv`.
+    async fn drain_logs(&mut self) {
+        loop {
+            let Some(s) = self.stream.as_mut() else {
+                return;
+            };
+            // A zero timeout polls the read once: it yields only frames already here.
+            match tokio::time::timeout(
+                Duration::ZERO,
+                proto::read_message_async(s, &mut self.decoder),
+            )
+            .await
+            {
+                Ok(Ok(Message::Log(l))) => self.log_line(&l),
+                Ok(Ok(other)) => {
+                    self.pending.push_back(other);
+                    return;
+                }
+                Ok(Err(_)) | Err(_) => return,
+            }
+        }
     }
 
     async fn handshake(&mut self, spec: &EnvSpec) -> Result<(), StartError> {
@@ -277,11 +347,17 @@ impl MicrovmSandbox {
             memory_mb: c.memory_size,
             timeout_ms: u64::from(c.timeout) * 1000,
             region: spec.region.clone(),
-            runtime: match Runtime::parse(&c.runtime) {
-                Some(Runtime::Python311) => RuntimeKind::Python {
+            runtime: match (&c.image_config_response, Runtime::parse(&c.runtime)) {
+                (Some(image), _) => RuntimeKind::Image {
+                    config_path: guest_init::image::IMAGE_CONFIG_PATH.into(),
+                    entrypoint: image.image_config.entry_point.clone(),
+                    command: image.image_config.command.clone(),
+                    working_dir: image.image_config.working_directory.clone(),
+                },
+                (None, Some(Runtime::Python311)) => RuntimeKind::Python {
                     interpreter: rootfs::base::PYTHON.into(),
                 },
-                _ => RuntimeKind::Provided,
+                (None, _) => RuntimeKind::Provided,
             },
             task_root: TASK_ROOT.into(),
             environment: BTreeMap::new(),
@@ -293,13 +369,12 @@ impl MicrovmSandbox {
             hostname: Some(format!("kindling-{}", self.id)),
             host_time_ms: Some(epoch_ms(SystemTime::now())),
         };
-        let stream_name = format!(
-            "{}/[{}]{}",
-            chrono::Utc::now().format("%Y/%m/%d"),
-            c.version,
-            self.id
+        let mut environment =
+            guest_init::env::lambda_variables(&configure, "/tmp", self.log.stream());
+        environment.insert(
+            "AWS_LAMBDA_INITIALIZATION_TYPE".into(),
+            spec.initialization_type.as_str().into(),
         );
-        let mut environment = guest_init::env::lambda_variables(&configure, "/tmp", &stream_name);
         if let RuntimeKind::Python { .. } = configure.runtime {
             // Where the base image keeps awslambdaric, as Lambda's /var/runtime.
             environment.insert("PYTHONPATH".into(), rootfs::base::RUNTIME_DIR.into());
@@ -322,6 +397,8 @@ impl MicrovmSandbox {
             match msg {
                 Message::Ready(r) => {
                     tracing::debug!(env = %self.id, "runtime ready after {} us", r.init_duration_us);
+                    // The guest's measure: runtime spawn to its first /next (no VM boot).
+                    self.log.ready(Duration::from_micros(r.init_duration_us));
                     return Ok(());
                 }
                 Message::Log(l) => self.log_line(&l),
@@ -360,6 +437,46 @@ impl Sandbox for MicrovmSandbox {
     }
 
     async fn invoke(&mut self, req: InvokeRequest, deadline: Instant) -> InvokeOutcome {
+        // Lines the guest sent since the last invocation go before this one's START.
+        if self.pending.is_empty() {
+            self.drain_logs().await;
+        }
+        self.log.start(&req.request_id);
+        let outcome = self.run_invocation(req, deadline).await;
+        if !self.broken {
+            self.drain_logs().await;
+        }
+        // Max Memory Used is left out: the host cannot see the runtime's memory inside the
+        // guest, and the VMM's RSS (guest kernel, page cache) is not that number.
+        self.log.finish(InvocationEnd {
+            outcome: &outcome,
+            timeout: Duration::from_secs(u64::from(self.function.config.timeout)),
+            max_memory_mb: None,
+        });
+        outcome
+    }
+
+    fn is_reusable(&self) -> bool {
+        !self.broken
+    }
+
+    async fn stop(mut self: Box<Self>) {
+        if !self.broken {
+            let bye = Message::Shutdown(proto::Shutdown {
+                reason: "spindown".into(),
+                grace_ms: 500,
+            });
+            if self.send(&bye).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+            }
+        }
+        // Drop kills whatever is left.
+    }
+}
+
+impl MicrovmSandbox {
+    /// One invocation, without its START/END/REPORT lines.
+    async fn run_invocation(&mut self, req: InvokeRequest, deadline: Instant) -> InvokeOutcome {
         let left = deadline.saturating_duration_since(Instant::now());
         let invoke = proto::Invoke {
             request_id: req.request_id.clone(),
@@ -443,23 +560,6 @@ impl Sandbox for MicrovmSandbox {
                 }
             }
         }
-    }
-
-    fn is_reusable(&self) -> bool {
-        !self.broken
-    }
-
-    async fn stop(mut self: Box<Self>) {
-        if !self.broken {
-            let bye = Message::Shutdown(proto::Shutdown {
-                reason: "spindown".into(),
-                grace_ms: 500,
-            });
-            if self.send(&bye).await.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
-            }
-        }
-        // Drop kills whatever is left.
     }
 }
 

@@ -23,6 +23,26 @@ pub struct EnvSpec {
     pub region: String,
     /// How long the runtime may take to reach its first `/next`.
     pub init_timeout: Duration,
+    /// Why it starts (`AWS_LAMBDA_INITIALIZATION_TYPE`).
+    pub initialization_type: InitializationType,
+}
+
+/// Why an environment is started, as the runtime sees it in `AWS_LAMBDA_INITIALIZATION_TYPE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitializationType {
+    /// For an invocation that found no idle environment.
+    OnDemand,
+    /// Ahead of invocations, for a function's provisioned concurrency.
+    ProvisionedConcurrency,
+}
+
+impl InitializationType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitializationType::OnDemand => "on-demand",
+            InitializationType::ProvisionedConcurrency => "provisioned-concurrency",
+        }
+    }
 }
 
 /// One invocation, as the agent hands it to a sandbox.

@@ -7,6 +7,7 @@
 //! hard-linked copy of the code as the task root plus a private `tmp/`, Lambda's environment
 //! variables, its own process group (killed as a whole), and one invocation at a time.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -14,27 +15,31 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use rapid_api::{CoreError, ErrorReport, Invocation, InvokeOutcome, RuntimeCore};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpListener;
 use tokio::process::Command;
-use tokio::sync::{oneshot, watch, OnceCell};
+use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 
 use super::{Backend, EnvSpec, InvokeRequest, Sandbox, StartError};
 use crate::functions::{Function, Runtime};
+use crate::logs::{EnvLog, InvocationEnd, LogStore};
 
 /// Longest log line forwarded as one record (Lambda cuts lines at 256 KiB).
-const MAX_LOG_LINE: u64 = 256 * 1024;
+const MAX_LOG_LINE: usize = 256 * 1024;
+/// How long an invocation's end waits for the output pumps to catch up.
+const LOG_SYNC_LIMIT: Duration = Duration::from_secs(1);
 
 pub struct ProcessBackend {
     envs_dir: PathBuf,
     python: PathBuf,
     /// Result of checking once that `python` can import `awslambdaric`.
     python_check: OnceCell<Result<(), String>>,
+    logs: Arc<LogStore>,
 }
 
 impl ProcessBackend {
     /// `envs_dir` is emptied: environments do not survive the agent.
-    pub fn new(envs_dir: PathBuf, python: PathBuf) -> std::io::Result<Self> {
+    pub fn new(envs_dir: PathBuf, python: PathBuf, logs: Arc<LogStore>) -> std::io::Result<Self> {
         if envs_dir.exists() {
             std::fs::remove_dir_all(&envs_dir)?;
         }
@@ -43,6 +48,7 @@ impl ProcessBackend {
             envs_dir,
             python,
             python_check: OnceCell::new(),
+            logs,
         })
     }
 
@@ -107,6 +113,14 @@ impl Backend for ProcessBackend {
 
     async fn start(&self, spec: EnvSpec) -> Result<Box<dyn Sandbox>, StartError> {
         let f = spec.function.clone();
+        if f.image_source().is_some() {
+            // An image is a whole root file system: it needs its own (a microVM).
+            return Err(StartError::Host(format!(
+                "{} is a container image function: the process backend cannot run images; \
+                 serve with --backend microvm",
+                f.config.function_name
+            )));
+        }
         if Runtime::parse(&f.config.runtime) == Some(Runtime::Python311) {
             self.check_python().await?;
         }
@@ -137,6 +151,18 @@ impl Backend for ProcessBackend {
             let _ = api_stopped.await;
         }));
         let (exit_tx, exit_rx) = watch::channel(None);
+        let cfg = &f.config;
+        let now = chrono::Utc::now();
+        let stream_name = format!("{}/[{}]{id}", now.format("%Y/%m/%d"), cfg.version);
+        let log = self
+            .logs
+            .env_log(
+                &cfg.function_name,
+                cfg.memory_size,
+                stream_name.clone(),
+                spec.initialization_type == super::InitializationType::ProvisionedConcurrency,
+            )
+            .map_err(|e| StartError::Host(e.to_string()))?;
         let mut env = ProcessSandbox {
             id: id.clone(),
             function: f.clone(),
@@ -146,14 +172,15 @@ impl Backend for ProcessBackend {
             stop_api: Some(stop_api),
             env_dir,
             broken: false,
+            log: log.clone(),
+            log_sync: Vec::new(),
+            peak_kb: 0,
         };
 
         let mut cmd = match self.runtime_command(&f, &task_root) {
             Ok(c) => c,
             Err(e) => return Err(e),
         };
-        let cfg = &f.config;
-        let now = chrono::Utc::now();
         cmd.current_dir(&task_root)
             .env_clear()
             .env(
@@ -180,11 +207,11 @@ impl Backend for ProcessBackend {
                 "AWS_LAMBDA_LOG_GROUP_NAME",
                 format!("/aws/lambda/{}", cfg.function_name),
             )
+            .env("AWS_LAMBDA_LOG_STREAM_NAME", &stream_name)
             .env(
-                "AWS_LAMBDA_LOG_STREAM_NAME",
-                format!("{}/[{}]{id}", now.format("%Y/%m/%d"), cfg.version),
+                "AWS_LAMBDA_INITIALIZATION_TYPE",
+                spec.initialization_type.as_str(),
             )
-            .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -197,6 +224,7 @@ impl Backend for ProcessBackend {
         }
         // Its own process group, so that stopping kills the whole tree.
         super::own_group_dying_with_agent(&mut cmd);
+        let spawned_at = Instant::now();
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => return Err(spawn_error(&cmd, e)),
@@ -204,10 +232,23 @@ impl Backend for ProcessBackend {
         env.pgid = child.id().map(|p| p as i32);
         let fname = cfg.function_name.clone();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump_logs(out, fname.clone(), id.clone()));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let fd = out.as_raw_fd();
+            env.log_sync.push(tx);
+            tokio::spawn(pump_logs(
+                out,
+                fd,
+                rx,
+                log.clone(),
+                fname.clone(),
+                id.clone(),
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump_logs(err, fname, id.clone()));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let fd = err.as_raw_fd();
+            env.log_sync.push(tx);
+            tokio::spawn(pump_logs(err, fd, rx, log.clone(), fname, id.clone()));
         }
         tokio::spawn(async move {
             let status = child.wait().await.ok();
@@ -220,6 +261,7 @@ impl Backend for ProcessBackend {
             ready = env.core.wait_ready() => match ready {
                 Ok(()) => {
                     tracing::debug!(function = %cfg.function_name, env = %id, "runtime ready");
+                    log.ready(spawned_at.elapsed());
                     Ok(Box::new(env))
                 }
                 Err(CoreError::InitFailed(report)) => Err(StartError::Function(report)),
@@ -273,24 +315,139 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
     }
 }
 
-/// Forwards a runtime's output to the agent's log, a line at a time, with lines capped.
-async fn pump_logs(stream: impl AsyncRead + Unpin, function: String, env: String) {
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
+/// A request to a pump: read everything already in the pipe, then answer.
+type SyncRequest = oneshot::Sender<()>;
+
+/// Forwards a runtime's output, a line at a time with lines capped, to the function's log and
+/// the agent's log. On a sync request it first drains what the runtime has already written
+/// (the bytes in the pipe: FIONREAD on `fd`, which `stream` keeps open), so that an
+/// invocation's lines land before its END.
+async fn pump_logs(
+    mut stream: impl AsyncRead + Unpin,
+    fd: RawFd,
+    mut sync: mpsc::UnboundedReceiver<SyncRequest>,
+    log: Arc<EnvLog>,
+    function: String,
+    env: String,
+) {
+    let mut lines = LineBuffer::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut syncing = true;
     loop {
-        line.clear();
-        match (&mut reader)
-            .take(MAX_LOG_LINE)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line);
-                tracing::info!(target: "kindling::function", function = %function, env = %env, "{}", text.trim_end());
-            }
+        tokio::select! {
+            biased;
+            r = stream.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => lines.push(&buf[..n], |l| emit(&log, &function, &env, l)),
+            },
+            req = sync.recv(), if syncing => match req {
+                Some(ack) => {
+                    while pipe_pending(fd) > 0 {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => lines.push(&buf[..n], |l| emit(&log, &function, &env, l)),
+                        }
+                    }
+                    // An unterminated last line belongs to the invocation that wrote it.
+                    lines.flush(|l| emit(&log, &function, &env, l));
+                    let _ = ack.send(());
+                }
+                None => syncing = false,
+            },
         }
     }
+    lines.flush(|l| emit(&log, &function, &env, l));
+}
+
+fn emit(log: &EnvLog, function: &str, env: &str, line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches(['\n', '\r']);
+    tracing::info!(target: "kindling::function", function = %function, env = %env, "{}", text);
+    log.line(text);
+}
+
+/// Splits a byte stream into lines of at most `MAX_LOG_LINE` bytes.
+#[derive(Default)]
+struct LineBuffer {
+    partial: Vec<u8>,
+}
+
+impl LineBuffer {
+    fn push(&mut self, mut data: &[u8], mut out: impl FnMut(&[u8])) {
+        while let Some(i) = data.iter().position(|&b| b == b'\n') {
+            self.partial.extend_from_slice(&data[..i]);
+            self.cut_long(&mut out);
+            out(&self.partial);
+            self.partial.clear();
+            data = &data[i + 1..];
+        }
+        self.partial.extend_from_slice(data);
+        self.cut_long(&mut out);
+    }
+
+    fn cut_long(&mut self, out: &mut impl FnMut(&[u8])) {
+        while self.partial.len() > MAX_LOG_LINE {
+            let rest = self.partial.split_off(MAX_LOG_LINE);
+            out(&self.partial);
+            self.partial = rest;
+        }
+    }
+
+    fn flush(&mut self, mut out: impl FnMut(&[u8])) {
+        if !self.partial.is_empty() {
+            out(&self.partial);
+            self.partial.clear();
+        }
+    }
+}
+
+/// Bytes waiting in a pipe.
+fn pipe_pending(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`; `fd` is
+    // the read end of the runtime's pipe, kept open by the pump that calls this.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        usize::try_from(n).unwrap_or(0)
+    }
+}
+
+/// Peak memory of the runtime's process tree in kB: the leader's high-water mark (VmHWM)
+/// plus the current RSS of its descendants (`children` of each process, as far as they
+/// still live). None when the leader is gone.
+fn tree_memory_kb(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut total = status_kb(&status, "VmHWM:")?;
+    let mut stack = children(pid);
+    let mut seen = 0;
+    while let Some(child) = stack.pop() {
+        seen += 1;
+        if seen > 4096 {
+            break;
+        }
+        if let Ok(st) = std::fs::read_to_string(format!("/proc/{child}/status")) {
+            total += status_kb(&st, "VmRSS:").unwrap_or(0);
+        }
+        stack.extend(children(child));
+    }
+    Some(total)
+}
+
+fn status_kb(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Mirrors `src` into `dst` with hard links (copying where linking fails, e.g. across file
@@ -328,11 +485,45 @@ pub struct ProcessSandbox {
     stop_api: Option<oneshot::Sender<()>>,
     env_dir: PathBuf,
     broken: bool,
+    log: Arc<EnvLog>,
+    /// One per output pump: asks it to drain what the runtime has written so far.
+    log_sync: Vec<mpsc::UnboundedSender<SyncRequest>>,
+    /// Highest memory use seen, in kB.
+    peak_kb: u64,
 }
 
 impl ProcessSandbox {
     fn exited(&self) -> bool {
         self.exit.borrow().is_some()
+    }
+
+    /// Waits (briefly) until the pumps have logged everything the runtime wrote so far. A
+    /// pump that is gone has reached the end of its pipe, so it has nothing left either.
+    async fn sync_logs(&self) {
+        let mut acks = Vec::new();
+        for tx in &self.log_sync {
+            let (ack, done) = oneshot::channel();
+            if tx.send(ack).is_ok() {
+                acks.push(done);
+            }
+        }
+        let _ = tokio::time::timeout(LOG_SYNC_LIMIT, async {
+            for a in acks {
+                let _ = a.await;
+            }
+        })
+        .await;
+    }
+
+    fn sample_memory(&mut self) {
+        if let Some(kb) = self.pgid.and_then(tree_memory_kb) {
+            self.peak_kb = self.peak_kb.max(kb);
+        }
+    }
+
+    /// Peak memory in MB (rounded up), when it was ever measured.
+    fn max_memory_mb(&self) -> Option<u64> {
+        (self.peak_kb > 0).then(|| self.peak_kb.div_ceil(1024))
     }
 }
 
@@ -343,6 +534,34 @@ impl Sandbox for ProcessSandbox {
     }
 
     async fn invoke(&mut self, req: InvokeRequest, deadline: Instant) -> InvokeOutcome {
+        // Lines written since the last invocation (or during init) go before its START.
+        self.sync_logs().await;
+        self.log.start(&req.request_id);
+        self.sample_memory();
+        let outcome = self.run_invocation(req, deadline).await;
+        self.sync_logs().await;
+        self.sample_memory();
+        self.log.finish(InvocationEnd {
+            outcome: &outcome,
+            timeout: Duration::from_secs(u64::from(self.function.config.timeout)),
+            max_memory_mb: self.max_memory_mb(),
+        });
+        outcome
+    }
+
+    fn is_reusable(&self) -> bool {
+        !self.broken && !self.exited()
+    }
+
+    async fn stop(self: Box<Self>) {
+        // Dropping does the work; see `Drop`.
+        drop(self);
+    }
+}
+
+impl ProcessSandbox {
+    /// One invocation, without its log lines.
+    async fn run_invocation(&mut self, req: InvokeRequest, deadline: Instant) -> InvokeOutcome {
         let timeout = Duration::from_secs(u64::from(self.function.config.timeout));
         let left = deadline.saturating_duration_since(Instant::now());
         let invocation = Invocation {
@@ -412,15 +631,6 @@ impl Sandbox for ProcessSandbox {
                 ))
             }
         }
-    }
-
-    fn is_reusable(&self) -> bool {
-        !self.broken && !self.exited()
-    }
-
-    async fn stop(self: Box<Self>) {
-        // Dropping does the work; see `Drop`.
-        drop(self);
     }
 }
 

@@ -4,6 +4,7 @@
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::BusDevice;
+use crate::snapshot::persist::{I8042State, Persist, PersistError};
 
 const DATA_OFFSET: u64 = 0;
 const COMMAND_OFFSET: u64 = 4;
@@ -22,6 +23,22 @@ impl I8042 {
             reset_evt,
             reset_requested: false,
         }
+    }
+}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    type Context = ();
+
+    fn save(&self) -> I8042State {
+        I8042State {
+            reset_requested: self.reset_requested,
+        }
+    }
+
+    fn restore(&mut self, _: (), state: &I8042State) -> Result<(), PersistError> {
+        self.reset_requested = state.reset_requested;
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::BusDevice;
+use crate::snapshot::persist::{Persist, PersistError, SerialState};
 
 /// Most bytes written to a serial log file; the rest is dropped (with one marker line).
 pub const MAX_SERIAL_FILE_BYTES: u64 = 64 * 1024 * 1024;
@@ -69,6 +70,35 @@ impl SerialDevice {
         SerialDevice {
             serial: Serial::new(EventFdTrigger(irq), out),
         }
+    }
+}
+
+impl Persist for SerialDevice {
+    type State = SerialState;
+    type Context = ();
+
+    fn save(&self) -> SerialState {
+        self.serial.state().into()
+    }
+
+    /// Keeps this device's interrupt eventfd and output; takes the registers from `state`.
+    fn restore(&mut self, _: (), state: &SerialState) -> Result<(), PersistError> {
+        let evt = |e: io::Error| PersistError::invalid("serial", e.to_string());
+        let irq = self.serial.interrupt_evt().0.try_clone().map_err(evt)?;
+        let placeholder = Serial::new(
+            EventFdTrigger(irq.try_clone().map_err(evt)?),
+            SerialOutput::Sink,
+        );
+        let old = std::mem::replace(&mut self.serial, placeholder);
+        let out = old.into_writer();
+        self.serial = Serial::from_state(
+            &state.into(),
+            EventFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| PersistError::invalid("serial", format!("{e:?}")))?;
+        Ok(())
     }
 }
 

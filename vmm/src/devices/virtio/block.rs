@@ -1,4 +1,9 @@
-//! virtio-blk on a raw file (virtio 1.2, section 5.2).
+//! virtio-blk on a raw file or a chunked image (virtio 1.2, section 5.2).
+//!
+//! # Backends
+//! The device reads and writes through a [`DiskBackend`]: a raw file (`pread`/`pwrite`), or
+//! a chunked image fetched lazily from a chunk server with a copy-on-write overlay
+//! ([`chunked`], when the config has `chunked`).
 //!
 //! # Features
 //! VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX
@@ -45,6 +50,7 @@ use super::{
 };
 use crate::config::BlockDeviceConfig;
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::persist::{Persist, PersistError, VirtioDeviceState};
 
 /// Entries in the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -73,6 +79,42 @@ const BOUNCE_LEN: usize = 128 * 1024;
 const MAX_CHAINS_PER_EVENT: usize = 4 * QUEUE_SIZE as usize;
 const NAME: &str = "virtio-blk";
 
+/// What a disk's bytes live in. Offsets and lengths are whole sectors inside [`size`].
+///
+/// [`size`]: DiskBackend::size
+pub trait DiskBackend: Send {
+    /// The disk size in bytes.
+    fn size(&self) -> u64;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes written data durable (FLUSH).
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// A raw disk image file.
+struct RawFile {
+    file: File,
+    size: u64,
+}
+
+impl DiskBackend for RawFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("cannot open disk image {path}: {source}")]
@@ -83,11 +125,13 @@ pub enum BlockError {
     SerialTooLong(String),
     #[error("eventfd: {0}")]
     EventFd(io::Error),
+    #[error("chunked image: {0}")]
+    Chunked(#[from] chunked::ChunkedError),
 }
 
-/// The backing file and what requests need of it.
+/// The backing store and what requests need of it.
 struct Disk {
-    file: File,
+    backend: Box<dyn DiskBackend>,
     nsectors: u64,
     read_only: bool,
     /// Set at activation when the driver did not accept FLUSH.
@@ -116,20 +160,27 @@ pub struct Block {
 
 impl Block {
     pub fn new(cfg: &BlockDeviceConfig) -> Result<Block, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.read_only)
-            .open(&cfg.path)
-            .map_err(|source| BlockError::Open {
-                path: cfg.path.clone(),
-                source,
-            })?;
-        let size = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: cfg.path.clone(),
-                source,
-            })?;
+        let backend: Box<dyn DiskBackend> = match &cfg.chunked {
+            Some(c) => Box::new(chunked::ChunkedDisk::open(&cfg.path, c, cfg.read_only)?),
+            None => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(!cfg.read_only)
+                    .open(&cfg.path)
+                    .map_err(|source| BlockError::Open {
+                        path: cfg.path.clone(),
+                        source,
+                    })?;
+                let size = (&file)
+                    .seek(SeekFrom::End(0))
+                    .map_err(|source| BlockError::Size {
+                        path: cfg.path.clone(),
+                        source,
+                    })?;
+                Box::new(RawFile { file, size })
+            }
+        };
+        let size = backend.size();
         if size & (SECTOR_SIZE - 1) != 0 {
             tracing::warn!(
                 "{NAME}: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last partial sector is not visible",
@@ -157,7 +208,7 @@ impl Block {
         }
         Ok(Block {
             disk: Disk {
-                file,
+                backend,
                 nsectors,
                 read_only: cfg.read_only,
                 write_through: false,
@@ -372,7 +423,7 @@ impl Disk {
                 if self.read_only {
                     return (VIRTIO_BLK_S_OK, 0);
                 }
-                match self.file.sync_data() {
+                match self.backend.flush() {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
                         tracing::warn!("{NAME}: flush: {e}");
@@ -451,7 +502,7 @@ impl Disk {
                 .bounce
                 .get_mut(..n)
                 .ok_or_else(|| io::Error::other("bounce buffer"))?;
-            self.file.read_exact_at(buf, offset)?;
+            self.backend.read_at(buf, offset)?;
             w.write(buf).map_err(io::Error::other)?;
             offset += n as u64;
             len -= n as u64;
@@ -474,12 +525,12 @@ impl Disk {
                 .get_mut(..n)
                 .ok_or_else(|| io::Error::other("bounce buffer"))?;
             r.read(buf).map_err(io::Error::other)?;
-            self.file.write_all_at(buf, offset)?;
+            self.backend.write_at(buf, offset)?;
             offset += n as u64;
             len -= n as u64;
         }
         if self.write_through {
-            self.file.sync_data()?;
+            self.backend.flush()?;
         }
         Ok(())
     }
@@ -559,6 +610,60 @@ impl VirtioDevice for Block {
     fn interrupt(&self) -> &Arc<IrqTrigger> {
         &self.irq
     }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        Persist::save(self)
+    }
+
+    fn restore_state(
+        &mut self,
+        mem: GuestMemoryMmap,
+        state: &VirtioDeviceState,
+    ) -> Result<(), PersistError> {
+        Persist::restore(self, mem, state)
+    }
+}
+
+/// Snapshot state: acked features, activation with the queue's ring positions, broken flag.
+/// The disk itself is the configured file (not part of the snapshot).
+impl Persist for Block {
+    type State = VirtioDeviceState;
+    type Context = GuestMemoryMmap;
+
+    fn save(&self) -> VirtioDeviceState {
+        VirtioDeviceState {
+            device_type: TYPE_BLOCK,
+            acked_features: self.acked_features,
+            activated: self.active.is_some(),
+            broken: self.is_broken(),
+            queues: self
+                .active
+                .as_ref()
+                .map(|a| super::save_queues([&a.queue]))
+                .unwrap_or_default(),
+            guest_cid: None,
+        }
+    }
+
+    fn restore(&mut self, mem: GuestMemoryMmap, s: &VirtioDeviceState) -> Result<(), PersistError> {
+        if s.acked_features & !self.avail_features != 0 {
+            return Err(PersistError::invalid(
+                NAME,
+                "saved features the device does not offer (read-only disk restored writable?)",
+            ));
+        }
+        self.active = None;
+        self.acked_features = s.acked_features;
+        if s.activated {
+            let queues = super::restore_queues(NAME, s, TYPE_BLOCK, &[QUEUE_SIZE], &mem)?;
+            self.activate(mem, queues)
+                .map_err(|e| PersistError::invalid(NAME, e.to_string()))?;
+            if let Some(a) = self.active.as_mut() {
+                a.broken = s.broken;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl MutEventSubscriber for Block {
@@ -583,5 +688,6 @@ impl MutEventSubscriber for Block {
     }
 }
 
+pub mod chunked;
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,7 @@ use virtio_queue::{Queue, QueueT};
 use super::{status, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::{lock, BusDevice};
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::persist::{MmioState, Persist, PersistError, QueueSnapshot};
 
 /// Offset of the QueueNotify register, where the VMM puts the queues' ioeventfds.
 pub const NOTIFY_REG_OFFSET: u64 = 0x50;
@@ -357,6 +358,71 @@ impl MmioTransport {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.status = 0;
+    }
+}
+
+impl Persist for MmioTransport {
+    type State = MmioState;
+    type Context = ();
+
+    fn save(&self) -> MmioState {
+        MmioState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.irq.status(),
+            needs_reset: self.irq.needs_reset(),
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            device: lock(&self.device).save_state(),
+        }
+    }
+
+    /// Applies the registers, then the device's state (which activates it on its saved
+    /// queues when it was active). Everything is checked: the state comes from a file.
+    fn restore(&mut self, _: (), s: &MmioState) -> Result<(), PersistError> {
+        const NAME: &str = "virtio-mmio";
+        if s.device.device_type != self.device_type {
+            return Err(PersistError::invalid(
+                NAME,
+                format!(
+                    "the snapshot has device type {} in this slot, the configuration {}",
+                    s.device.device_type, self.device_type
+                ),
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(PersistError::invalid(
+                NAME,
+                format!(
+                    "{} saved queues, the device has {}",
+                    s.queues.len(),
+                    self.queues.len()
+                ),
+            ));
+        }
+        let queues = s
+            .queues
+            .iter()
+            .zip(&self.queues)
+            .map(|(q, cur)| q.to_queue(NAME, cur.max_size(), None))
+            .collect::<Result<Vec<_>, _>>()?;
+        if s.driver_features & !self.avail_features != 0 {
+            return Err(PersistError::invalid(
+                NAME,
+                "the saved driver features are not all offered by the device",
+            ));
+        }
+        lock(&self.device).restore_state(self.mem.clone(), &s.device)?;
+        self.queues = queues;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.irq.restore(s.interrupt_status, s.needs_reset);
+        Ok(())
     }
 }
 

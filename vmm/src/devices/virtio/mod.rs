@@ -35,6 +35,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::persist::{PersistError, QueueSnapshot, VirtioDeviceState};
 
 pub mod block;
 pub(crate) mod chain;
@@ -125,6 +126,13 @@ impl IrqTrigger {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
+    /// Sets the saved status and needs-reset flag (snapshot restore), without signalling:
+    /// an interrupt that was pending is in the restored irqchip state.
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     /// Back to the power-on state (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -184,6 +192,55 @@ pub trait VirtioDevice: Send {
     fn config_generation(&self) -> u32 {
         0
     }
+    /// The device's own state for a snapshot (the device's `Persist` impl).
+    fn save_state(&self) -> VirtioDeviceState;
+    /// Applies a saved state to this freshly built device (activating it on its saved
+    /// queues when it was active).
+    fn restore_state(
+        &mut self,
+        mem: GuestMemoryMmap,
+        state: &VirtioDeviceState,
+    ) -> Result<(), PersistError>;
+}
+
+/// The queues of a saved, activated device, checked against the device and guest memory.
+pub(crate) fn restore_queues(
+    device: &'static str,
+    state: &VirtioDeviceState,
+    device_type: u32,
+    max_sizes: &[u16],
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Queue>, PersistError> {
+    if state.device_type != device_type {
+        return Err(PersistError::invalid(
+            device,
+            format!(
+                "the snapshot has device type {} in this slot, not {device_type}",
+                state.device_type
+            ),
+        ));
+    }
+    if state.queues.len() != max_sizes.len() {
+        return Err(PersistError::invalid(
+            device,
+            format!(
+                "{} saved queues, the device has {}",
+                state.queues.len(),
+                max_sizes.len()
+            ),
+        ));
+    }
+    state
+        .queues
+        .iter()
+        .zip(max_sizes)
+        .map(|(q, &max)| q.to_queue(device, max, Some(mem)))
+        .collect()
+}
+
+/// The saved form of a device's active queues.
+pub(crate) fn save_queues<'a>(queues: impl IntoIterator<Item = &'a Queue>) -> Vec<QueueSnapshot> {
+    queues.into_iter().map(QueueSnapshot::of).collect()
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling whatever lies past the end.

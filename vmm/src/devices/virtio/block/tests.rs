@@ -38,6 +38,7 @@ fn new_block(path: &std::path::Path, read_only: bool, serial: Option<&str>) -> A
         path: path.to_path_buf(),
         read_only,
         serial: serial.map(String::from),
+        chunked: None,
     };
     Arc::new(Mutex::new(Block::new(&cfg).unwrap()))
 }
@@ -173,6 +174,7 @@ fn config_features_and_bad_configs() {
         path: f.path().to_path_buf(),
         read_only: false,
         serial: Some("x".repeat(21)),
+        chunked: None,
     };
     assert!(matches!(
         Block::new(&bad),
@@ -182,6 +184,7 @@ fn config_features_and_bad_configs() {
         path: "/nonexistent/disk.img".into(),
         read_only: true,
         serial: None,
+        chunked: None,
     };
     assert!(matches!(Block::new(&missing), Err(BlockError::Open { .. })));
 }
@@ -530,3 +533,6 @@ fn event_loop_ignores_kicks_before_activation() {
     let irq_evt = blk.lock().unwrap().interrupt_evt().try_clone().unwrap();
     assert!(irq_evt.read().unwrap() >= 1);
 }
+
+/// The chunked backend, driven through the same queue.
+mod chunked;

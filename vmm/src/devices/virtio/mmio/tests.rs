@@ -76,6 +76,33 @@ impl VirtioDevice for Dummy {
     fn interrupt(&self) -> &Arc<IrqTrigger> {
         &self.irq
     }
+    fn save_state(&self) -> crate::snapshot::persist::VirtioDeviceState {
+        crate::snapshot::persist::VirtioDeviceState {
+            device_type: 42,
+            acked_features: self.acked,
+            activated: self.queues.is_some(),
+            broken: false,
+            queues: self
+                .queues
+                .as_ref()
+                .map(crate::devices::virtio::save_queues)
+                .unwrap_or_default(),
+            guest_cid: None,
+        }
+    }
+    fn restore_state(
+        &mut self,
+        mem: GuestMemoryMmap,
+        state: &crate::snapshot::persist::VirtioDeviceState,
+    ) -> Result<(), crate::snapshot::persist::PersistError> {
+        self.acked = state.acked_features;
+        self.queues = None;
+        if state.activated {
+            let q = crate::devices::virtio::restore_queues("dummy", state, 42, &[16, 8], &mem)?;
+            self.queues = Some(q);
+        }
+        Ok(())
+    }
 }
 
 struct Fixture {

@@ -58,6 +58,7 @@ use super::{
 };
 use crate::config::VsockConfig;
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::persist::{Persist, PersistError, VirtioDeviceState};
 use muxer::Muxer;
 pub use muxer::{
     CONNECT_TIMEOUT, CONN_BUF_SIZE, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_HANDSHAKES,
@@ -434,6 +435,61 @@ impl Vsock {
     }
 }
 
+impl Persist for Vsock {
+    type State = VirtioDeviceState;
+    type Context = GuestMemoryMmap;
+
+    /// Host connections are not part of the state: a restored VM has none, and
+    /// [`Vsock::send_transport_reset`] tells the guest so.
+    fn save(&self) -> VirtioDeviceState {
+        VirtioDeviceState {
+            device_type: TYPE_VSOCK,
+            acked_features: self.acked_features,
+            activated: self.active.is_some(),
+            broken: self.is_broken(),
+            queues: self
+                .active
+                .as_ref()
+                .map(|a| super::save_queues(&a.queues))
+                .unwrap_or_default(),
+            guest_cid: Some(self.cid),
+        }
+    }
+
+    fn restore(&mut self, mem: GuestMemoryMmap, s: &VirtioDeviceState) -> Result<(), PersistError> {
+        if let Some(cid) = s.guest_cid {
+            if cid != self.cid {
+                return Err(PersistError::invalid(
+                    NAME,
+                    format!(
+                        "the snapshot's guest CID is {cid}, the configuration's {}",
+                        self.cid
+                    ),
+                ));
+            }
+        }
+        if s.acked_features & !self.avail_features() != 0 {
+            return Err(PersistError::invalid(
+                NAME,
+                "saved features the device does not offer",
+            ));
+        }
+        self.reset();
+        self.acked_features = s.acked_features;
+        if s.activated {
+            let queues = super::restore_queues(NAME, s, TYPE_VSOCK, &QUEUE_SIZES, &mem)?;
+            self.activate(mem, queues)
+                .map_err(|e| PersistError::invalid(NAME, e.to_string()))?;
+            if s.broken {
+                if let Some(a) = self.active.as_mut() {
+                    a.broken = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Vsock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.uds_path);
@@ -519,6 +575,18 @@ impl VirtioDevice for Vsock {
 
     fn interrupt(&self) -> &Arc<IrqTrigger> {
         &self.irq
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        Persist::save(self)
+    }
+
+    fn restore_state(
+        &mut self,
+        mem: GuestMemoryMmap,
+        state: &VirtioDeviceState,
+    ) -> Result<(), PersistError> {
+        Persist::restore(self, mem, state)
     }
 }
 
