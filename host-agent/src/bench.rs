@@ -6,6 +6,7 @@
 //! `kindling bench invoke` (module [`invoke`]): warm invoke latency and throughput through
 //! Kindling and through `cargo lambda watch`, side by side.
 
+pub mod image;
 pub mod invoke;
 
 use std::path::{Path, PathBuf};

@@ -311,11 +311,15 @@ enum BenchCmd {
     /// Warm invoke latency (p50/p90/p99) and throughput of the echo-rust example through
     /// Kindling (process backend) and through `cargo lambda watch`, side by side.
     Invoke(host_agent::bench::invoke::InvokeCli),
+    /// Cold starts from a chunked root image: chunks and bytes fetched per cache tier vs the
+    /// image size, read latency per tier, and the dedup ratio of two images on one base.
+    Image(host_agent::bench::image::ImageCli),
 }
 
 fn run_bench(cmd: BenchCmd) -> ExitCode {
     match cmd {
         BenchCmd::Invoke(a) => host_agent::bench::invoke::run_cli(a),
+        BenchCmd::Image(a) => host_agent::bench::image::run_cli(a),
         BenchCmd::Boot {
             runs,
             mem,
@@ -539,6 +543,21 @@ struct ServeArgs {
     /// waits twice as long). Lambda: about 60.
     #[arg(long, default_value_t = 60.0)]
     async_retry_base: f64,
+    /// Largest streamed response (InvokeWithResponseStream), in bytes. Lambda: 200 MiB.
+    #[arg(long, default_value_t = rapid_api::stream::MAX_STREAM_BYTES)]
+    stream_max_bytes: u64,
+    /// Bytes of a streamed response sent at full speed before --stream-rate applies.
+    /// Lambda: 6 MiB.
+    #[arg(long, default_value_t = rapid_api::stream::STREAM_FULL_SPEED_BYTES)]
+    stream_full_speed_bytes: u64,
+    /// Bytes per second a streamed response gets after that (0: no cap). Lambda: 2 MiB/s.
+    #[arg(long, default_value_t = rapid_api::stream::STREAM_RATE_BYTES_PER_SEC)]
+    stream_rate: u64,
+    /// microvm backend, with --l3: functions' root images are pushed to that image store
+    /// once and VMs boot from them lazily through this agent's chunk cache (L1 in
+    /// <data-dir>/chunked/l1 unless --l1-dir, L2 from --l2).
+    #[command(flatten)]
+    image_tiers: image_cache::TierConfig,
 }
 
 // Parsed once per run: the size of the largest variant does not matter.
@@ -652,6 +671,12 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         async_concurrency: a.async_concurrency.map(|n| n.max(1)),
         async_retry_base: Duration::try_from_secs_f64(a.async_retry_base)
             .map_err(|e| format!("--async-retry-base: {e}"))?,
+        stream_limits: rapid_api::StreamLimits {
+            max_bytes: a.stream_max_bytes,
+            full_speed_bytes: a.stream_full_speed_bytes,
+            rate_bytes_per_sec: (a.stream_rate > 0).then_some(a.stream_rate),
+        },
+        image_tiers: a.image_tiers.l3.is_some().then_some(a.image_tiers),
     };
     serve::run(
         cfg,

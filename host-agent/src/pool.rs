@@ -1165,6 +1165,7 @@ mod tests {
             payload: Bytes::from_static(b"{}"),
             client_context: None,
             trace_id: String::new(),
+            stream: None,
         }
     }
 

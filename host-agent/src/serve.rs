@@ -59,6 +59,11 @@ pub struct ServeConfig {
     pub async_concurrency: Option<usize>,
     /// Delay before the first retry of a failed asynchronous invocation (Lambda: ~1 min).
     pub async_retry_base: Duration,
+    /// Size and bandwidth caps of streamed responses (InvokeWithResponseStream).
+    pub stream_limits: rapid_api::StreamLimits,
+    /// microvm backend: root images pushed to this image store and booted lazily through
+    /// the chunk cache (`--l3` given); `None`: local ext4 files.
+    pub image_tiers: Option<image_cache::TierConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +115,8 @@ fn choose_backend(
             "the process backend isolates nothing: functions run as this user, on this host"
         );
         let b = ProcessBackend::new(envs_dir(&cfg.data_dir), cfg.python.clone(), logs.clone())
-            .map_err(data_err)?;
+            .map_err(data_err)?
+            .with_stream_limits(cfg.stream_limits);
         Ok((Arc::new(b), BackendKind::Process))
     };
     match cfg.backend {
@@ -205,6 +211,13 @@ fn microvm_backend(
             envs_dir: cfg.data_dir.join("vms"),
             images_dir: cfg.data_dir.join("images"),
             boot_timeout: cfg.boot_timeout,
+            chunked: match &cfg.image_tiers {
+                Some(t) => Some(
+                    crate::sandbox::chunked::ChunkedImages::start(t, &cfg.data_dir)
+                        .map_err(|e| fail(e.to_string()))?,
+                ),
+                None => None,
+            },
         },
         logs.clone(),
     )
@@ -323,7 +336,7 @@ pub async fn run(
         pool: pool.clone(),
         events: events.clone(),
         logs,
-        metrics,
+        metrics: metrics.clone(),
     });
     let addr = listener.local_addr().map_err(ServeError::Server)?;
     tracing::info!(%addr, backend = pool.backend_name(), data_dir = %cfg.data_dir.display(),
@@ -346,6 +359,7 @@ pub async fn run(
         events,
         registry.clone(),
         pool.clone(),
+        metrics,
         crate::events::WorkerSettings::new(
             cfg.async_concurrency.unwrap_or_else(|| {
                 crate::events::WorkerSettings::default_concurrency(cfg.max_environments)

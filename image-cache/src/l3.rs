@@ -190,8 +190,8 @@ impl ChunkTier for ObjectStoreTier {
         Ok(())
     }
 
-    /// L3 is the last copy: a bad chunk there is reported, never deleted by a reader (it
-    /// takes a push of an image with that chunk to repair it).
+    /// L3 is the last copy: a bad chunk there is reported, never deleted by a reader (an
+    /// operator repairs it by deleting the object and pushing an image that holds it).
     async fn remove(&self, _hash: &ChunkHash) -> Result<(), TierError> {
         Ok(())
     }

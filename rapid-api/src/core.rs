@@ -26,6 +26,7 @@ use crate::extensions::{
     invoke_event, parse_register, shutdown_event, ShutdownReason, ShutdownReport, MAX_EXTENSIONS,
 };
 use crate::invocation::{ErrorReport, Invocation, InvokeOutcome};
+use crate::stream::{StreamLimits, StreamSink, StreamWriter};
 use crate::telemetry::{Api, Event, Hub, InvokeMetrics};
 use crate::MAX_RESPONSE_BYTES;
 
@@ -88,10 +89,15 @@ impl ApiError {
     }
 
     pub fn too_large() -> Self {
+        Self::too_large_for(MAX_RESPONSE_BYTES as u64)
+    }
+
+    /// A body over `limit` bytes (a streamed response's cap differs from the buffered one).
+    pub fn too_large_for(limit: u64) -> Self {
         ApiError {
             status: 413,
             error_type: "RequestEntityTooLarge",
-            message: format!("Exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes)."),
+            message: format!("Exceeded maximum allowed payload size ({limit} bytes)."),
         }
     }
 
@@ -173,12 +179,15 @@ pub type MemoryProbe = Box<dyn Fn() -> Option<u64> + Send + Sync>;
 struct Pending {
     invocation: Invocation,
     responder: oneshot::Sender<InvokeOutcome>,
+    /// Where a streamed response goes; `None`: it is buffered.
+    sink: Option<StreamSink>,
 }
 
 struct Active {
     request_id: String,
     invocation_id: String,
     responder: oneshot::Sender<InvokeOutcome>,
+    sink: Option<StreamSink>,
 }
 
 enum Phase {
@@ -295,6 +304,7 @@ pub struct RuntimeCore {
     lifecycle: watch::Sender<Lifecycle>,
     telemetry: Hub,
     memory_probe: Mutex<Option<MemoryProbe>>,
+    stream_limits: Mutex<StreamLimits>,
 }
 
 fn elapsed_ms(since: std::time::Instant) -> f64 {
@@ -343,6 +353,7 @@ impl RuntimeCore {
             lifecycle: watch::channel(Lifecycle::Initializing).0,
             telemetry,
             memory_probe: Mutex::new(None),
+            stream_limits: Mutex::new(StreamLimits::default()),
         })
     }
 
@@ -385,6 +396,15 @@ impl RuntimeCore {
         *self.memory_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(probe);
     }
 
+    /// Sets the size and bandwidth caps of streamed responses (default: Lambda's).
+    pub fn set_stream_limits(&self, limits: StreamLimits) {
+        *self.stream_limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
+    pub fn stream_limits(&self) -> StreamLimits {
+        *self.stream_limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A line the function (runtime process) wrote: a `function` telemetry record.
     pub fn function_log(&self, line: impl Into<String>) {
         self.telemetry.emit(Event::FunctionLog(line.into()));
@@ -421,6 +441,17 @@ impl RuntimeCore {
         &self,
         invocation: Invocation,
     ) -> Result<oneshot::Receiver<InvokeOutcome>, CoreError> {
+        self.invoke_with_stream(invocation, None)
+    }
+
+    /// [`RuntimeCore::invoke`] for a caller that takes a streamed response as a stream: if
+    /// the runtime streams its answer, `sink` gets it (see [`crate::stream`]) and the outcome
+    /// comes when the stream has ended. A buffered answer only goes to the outcome.
+    pub fn invoke_with_stream(
+        &self,
+        invocation: Invocation,
+        sink: Option<StreamSink>,
+    ) -> Result<oneshot::Receiver<InvokeOutcome>, CoreError> {
         let mut st = self.lock();
         if let Some(e) = self.unusable(&st) {
             return Err(e);
@@ -432,6 +463,7 @@ impl RuntimeCore {
         st.pending = Some(Pending {
             invocation,
             responder: tx,
+            sink,
         });
         drop(st);
         self.wake.notify_waiters();
@@ -453,6 +485,40 @@ impl RuntimeCore {
                 }
                 if st.init_done && st.current.is_none() && st.pending.is_none() {
                     return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Names of the extensions registered so far, in registration order.
+    pub fn registered_extensions(&self) -> Vec<String> {
+        self.lock()
+            .extensions
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Waits until at least `count` extensions have registered. Lambda's init runs the
+    /// extensions' init (each registers) before it starts the runtime, whose first `/next`
+    /// closes registration: an embedding that starts extension processes waits here before
+    /// starting the runtime. Errors when init failed or the core was closed first.
+    pub async fn wait_registered(&self, count: usize) -> Result<(), CoreError> {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                if let Some(e) = self.unusable(&st) {
+                    return Err(e);
+                }
+                if st.extensions.len() >= count {
+                    return Ok(());
+                }
+                if !st.registration_open {
+                    return Err(CoreError::Closed);
                 }
             }
             notified.await;
@@ -777,6 +843,7 @@ impl RuntimeCore {
             request_id: inv.request_id.clone(),
             invocation_id: inv.invocation_id.clone(),
             responder: p.responder,
+            sink: p.sink,
         });
         st.current = Some(Current {
             request_id: inv.request_id.clone(),
@@ -868,6 +935,47 @@ impl RuntimeCore {
         drop(st);
         self.wake.notify_waiters();
         Ok(())
+    }
+
+    /// `POST /runtime/invocation/{id}/response` with `Lambda-Runtime-Function-Response-Mode:
+    /// streaming`: the response has started. The runtime's answer is over (no second answer
+    /// is taken) but its invoke phase lasts until the returned writer is finished; no other
+    /// invocation is delivered before that.
+    pub fn begin_stream(
+        self: &Arc<Self>,
+        request_id: &str,
+        invocation_id: Option<&str>,
+        content_type: Option<String>,
+    ) -> Result<StreamWriter, ApiError> {
+        let mut st = self.lock();
+        let active = self.take_active(&mut st, request_id, invocation_id, "InvocationResponse")?;
+        drop(st);
+        Ok(StreamWriter::new(
+            self.clone(),
+            active.responder,
+            active.sink,
+            content_type,
+            self.stream_limits(),
+        ))
+    }
+
+    /// A streamed response ended (see [`StreamWriter`]).
+    pub(crate) fn end_stream(
+        &self,
+        responder: oneshot::Sender<InvokeOutcome>,
+        outcome: InvokeOutcome,
+        status: &'static str,
+        produced: Option<usize>,
+    ) {
+        let mut st = self.lock();
+        let error_type = match &outcome {
+            InvokeOutcome::Error(r) => Some(r.error_type.clone()),
+            InvokeOutcome::Response { .. } => None,
+        };
+        let _ = responder.send(outcome);
+        self.runtime_done(&mut st, status, error_type, produced);
+        drop(st);
+        self.wake.notify_waiters();
     }
 
     /// A response over [`MAX_RESPONSE_BYTES`]: the invocation fails with
@@ -1031,6 +1139,8 @@ impl RuntimeCore {
             name: name.to_string(),
             events,
         });
+        // The embedding may be waiting for this registration to start the runtime.
+        self.wake.notify_waiters();
         let mut body = serde_json::json!({
             "functionName": self.config.function_name,
             "functionVersion": self.config.function_version,

@@ -199,10 +199,11 @@ pub(crate) fn truncated() -> ApiError {
     ApiError::bad_request("TruncatedHTTPRequest", "The request body was cut short")
 }
 
-fn check_response_mode(h: &HeaderMap) -> Result<(), ApiError> {
+/// Whether the runtime streams its response (`Lambda-Runtime-Function-Response-Mode`).
+fn is_streaming(h: &HeaderMap) -> Result<bool, ApiError> {
     match h.get(headers::RESPONSE_MODE) {
-        None => Ok(()),
-        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"streaming") => Ok(()),
+        None => Ok(false),
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"streaming") => Ok(true),
         Some(_) => Err(ApiError::bad_request(
             "InvalidFunctionResponseMode",
             "Invalid function response mode: the only valid value is 'streaming'",
@@ -215,8 +216,10 @@ async fn response(
     Path(id): Path<String>,
     h: HeaderMap,
     body: Body,
-) -> Result<impl IntoResponse, ApiError> {
-    check_response_mode(&h)?;
+) -> Result<axum::response::Response, ApiError> {
+    if is_streaming(&h)? {
+        return streamed_response(core, &id, &h, body).await;
+    }
     let invocation_id = header(&h, headers::INVOCATION_ID);
     let read = match read_limited(body, MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
@@ -243,8 +246,47 @@ async fn response(
     Ok(accepted())
 }
 
-fn accepted() -> impl IntoResponse {
-    (StatusCode::ACCEPTED, Json(json!({ "status": "OK" })))
+/// A streamed response: the body's chunks go to the platform as they arrive (bounded by
+/// its size cap and paced by its bandwidth cap); the trailers may report an error.
+async fn streamed_response(
+    core: Arc<RuntimeCore>,
+    id: &str,
+    h: &HeaderMap,
+    mut body: Body,
+) -> Result<Response, ApiError> {
+    let content_type = header(h, "content-type").map(str::to_string);
+    let mut writer = core.begin_stream(id, header(h, headers::INVOCATION_ID), content_type)?;
+    let mut trailers = None;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(_)) => {
+                // The caller learns at once rather than waiting for the timeout.
+                writer.fail_truncated();
+                return Err(truncated());
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if writer.write(data).await.is_err() {
+                        let limit = writer.limit();
+                        writer.fail_too_large();
+                        return Err(ApiError::too_large_for(limit));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            },
+        }
+    }
+    writer.finish(trailer_error(trailers.as_ref()));
+    Ok(accepted())
+}
+
+fn accepted() -> Response {
+    (StatusCode::ACCEPTED, Json(json!({ "status": "OK" }))).into_response()
 }
 
 pub(crate) async fn read_error_report(h: &HeaderMap, body: Body) -> Result<ErrorReport, ApiError> {

@@ -7,6 +7,8 @@
 //! - [`http`]: an axum front that serves the core on `/2018-06-01/runtime/...`, exact to
 //!   Lambda's wire behaviour, for real runtime clients (`awslambdaric`, `lambda_runtime`).
 //!
+//! - [`stream`]: streamed responses (`Lambda-Runtime-Function-Response-Mode: streaming`),
+//!   passed to the platform through a bounded channel with Lambda's size and bandwidth caps.
 //! - Extensions API (`/2020-01-01/extension/...`), Telemetry API (`/2022-07-01/telemetry`)
 //!   and Logs API (`/2020-08-15/logs`) on the same listener, driven by the same core.
 //!
@@ -20,6 +22,7 @@ pub mod headers;
 pub mod http;
 mod http_ext;
 pub mod invocation;
+pub mod stream;
 pub mod telemetry;
 
 pub use crate::core::{
@@ -28,6 +31,9 @@ pub use crate::core::{
 };
 pub use crate::extensions::{ShutdownReason, ShutdownReport, MAX_EXTENSIONS};
 pub use crate::invocation::{ErrorReport, Invocation, InvokeOutcome};
+pub use crate::stream::{
+    stream_channel, StreamEvent, StreamLimits, StreamSink, StreamWriter, MAX_STREAM_BYTES,
+};
 pub use crate::telemetry::Api as TelemetryApi;
 
 /// Largest response body a runtime may post: 6 MiB plus 100 bytes, as Lambda allows.

@@ -303,6 +303,30 @@ async fn extension_process_exit_outside_shutdown_is_a_crash() {
     }
 }
 
+/// The embedding starts the runtime only once its extensions have registered (Lambda runs
+/// extension init before runtime init): `wait_registered` is how it knows.
+#[tokio::test]
+async fn wait_registered_returns_once_enough_extensions_registered() {
+    let srv = Server::start(config()).await;
+    let core = srv.core.clone();
+    let mut waiting = tokio::spawn(async move { core.wait_registered(2).await });
+    let _a = srv.register("a", r#"["INVOKE"]"#).await;
+    stays_pending(&mut waiting).await;
+    let _b = srv.register("b", r#"["SHUTDOWN"]"#).await;
+    within(waiting).await.unwrap().unwrap();
+    assert_eq!(srv.core.registered_extensions(), vec!["a", "b"]);
+    // Nothing to wait for.
+    within(srv.core.wait_registered(0)).await.unwrap();
+    // A closed core ends the wait.
+    let core = srv.core.clone();
+    let waiting = tokio::spawn(async move { core.wait_registered(3).await });
+    srv.core.close();
+    assert!(matches!(
+        within(waiting).await.unwrap(),
+        Err(CoreError::Closed)
+    ));
+}
+
 #[tokio::test]
 async fn snap_start_restore_hooks_run_between_restore_next_and_next() {
     let srv = Server::start(rapid_api::CoreConfig {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rapid_api::{
-    CoreError, ErrorReport, Invocation, InvokeOutcome, RuntimeCore, MAX_RESPONSE_BYTES,
-    MAX_XRAY_CAUSE_BYTES,
+    CoreError, ErrorReport, Invocation, InvokeOutcome, RuntimeCore, StreamEvent, StreamLimits,
+    MAX_RESPONSE_BYTES, MAX_XRAY_CAUSE_BYTES,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -762,29 +762,201 @@ async fn runtime_loop_over_http() {
 
 // ---- streaming responses (`Lambda-Runtime-Function-Response-Mode: streaming`) ----
 
+impl Server {
+    /// Queues `inv` with a stream sink and fetches it with `GET /next`.
+    async fn deliver_streaming(
+        &self,
+        inv: Invocation,
+    ) -> (
+        oneshot::Receiver<InvokeOutcome>,
+        tokio::sync::mpsc::Receiver<StreamEvent>,
+    ) {
+        let (sink, events) = rapid_api::stream_channel();
+        let rx = self
+            .core
+            .invoke_with_stream(inv, Some(sink))
+            .expect("invoke");
+        let res = within(self.next()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        (rx, events)
+    }
+}
+
+/// Reads the sink until it closes: the content type it started with and the body.
+async fn drain(mut events: tokio::sync::mpsc::Receiver<StreamEvent>) -> (Option<String>, Vec<u8>) {
+    let mut started = None;
+    let mut body = Vec::new();
+    while let Some(ev) = within(events.recv()).await {
+        match ev {
+            StreamEvent::Started { content_type } => {
+                assert!(started.is_none(), "Started twice");
+                assert!(body.is_empty(), "Started after a chunk");
+                started = Some(content_type);
+            }
+            StreamEvent::Chunk(c) => body.extend_from_slice(&c),
+        }
+    }
+    (started.expect("the sink never saw Started"), body)
+}
+
 #[tokio::test]
-#[ignore = "streaming responses (up to 200 MB, relayed as a stream, 2 MiB/s after 6 MiB) are issue #3; until then a streamed body is buffered under the 6 MiB + 100 B limit"]
 async fn streaming_response_may_exceed_the_buffered_limit() {
     // lambda-apis.md: a streamed response may be up to 200 MB; only buffered ones stop at
-    // 6 MiB + 100 B.
+    // 6 MiB + 100 B. Past 6 MiB the default 2 MiB/s cap applies (1 MiB here: ~0.5 s).
     let srv = Server::start().await;
-    let rx = srv.deliver(inv("big-stream")).await;
+    let (rx, events) = srv.deliver_streaming(inv("big-stream")).await;
+    let drained = tokio::spawn(drain(events));
     let body = vec![b's'; MAX_RESPONSE_BYTES + 1024 * 1024];
     let res = within(
         srv.post("/invocation/big-stream/response")
             .header("lambda-runtime-function-response-mode", "streaming")
+            .header("content-type", "text/plain")
             .body(body)
             .send(),
     )
     .await
     .expect("send");
     assert_accepted(res).await;
+    let (content_type, got) = within(drained).await.unwrap();
+    assert_eq!(content_type.as_deref(), Some("text/plain"));
+    assert_eq!(got.len(), MAX_RESPONSE_BYTES + 1024 * 1024);
     match outcome(rx).await {
-        InvokeOutcome::Response { body, .. } => {
-            assert_eq!(body.len(), MAX_RESPONSE_BYTES + 1024 * 1024)
+        // The body went to the sink; the outcome only says how the stream ended.
+        InvokeOutcome::Response { body, .. } => assert!(body.is_empty()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn streamed_chunks_reach_the_sink_before_the_body_ends() {
+    let srv = Server::start().await;
+    let (rx, mut events) = srv.deliver_streaming(inv("live")).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(
+        b"POST /2018-06-01/runtime/invocation/live/response HTTP/1.1\r\n\
+Host: localhost\r\nConnection: close\r\n\
+Lambda-Runtime-Function-Response-Mode: streaming\r\n\
+Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+    )
+    .await
+    .unwrap();
+    // The body is still open: the first chunk is already with the platform.
+    assert!(matches!(
+        within(events.recv()).await,
+        Some(StreamEvent::Started { .. })
+    ));
+    match within(events.recv()).await {
+        Some(StreamEvent::Chunk(c)) => assert_eq!(&c[..], b"first"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(SHORT, srv.core.wait_idle())
+            .await
+            .is_err(),
+        "the invoke phase lasts until the body ends"
+    );
+    s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await.unwrap();
+    match within(events.recv()).await {
+        Some(StreamEvent::Chunk(c)) => assert_eq!(&c[..], b"second"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        within(events.recv()).await.is_none(),
+        "the sink closes at the end"
+    );
+    let mut out = Vec::new();
+    within(s.read_to_end(&mut out)).await.unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 202"));
+    assert!(matches!(outcome(rx).await, InvokeOutcome::Response { .. }));
+    within(srv.core.wait_idle()).await.unwrap();
+}
+
+#[tokio::test]
+async fn streamed_response_over_the_cap_fails_with_response_size_too_large() {
+    let srv = Server::start().await;
+    srv.core.set_stream_limits(StreamLimits {
+        max_bytes: 4096,
+        full_speed_bytes: 1024,
+        rate_bytes_per_sec: None,
+    });
+    let (rx, events) = srv.deliver_streaming(inv("capped")).await;
+    let drained = tokio::spawn(drain(events));
+    let res = within(
+        srv.post("/invocation/capped/response")
+            .header("lambda-runtime-function-response-mode", "streaming")
+            .body(vec![b'x'; 8192])
+            .send(),
+    )
+    .await
+    .expect("send");
+    let msg = assert_api_error(res, 413, "RequestEntityTooLarge").await;
+    assert!(msg.contains("4096"), "{msg}");
+    let (_, got) = within(drained).await.unwrap();
+    assert!(got.len() <= 4096, "no byte past the cap reaches the caller");
+    let rep = error_report(outcome(rx).await);
+    assert_eq!(rep.error_type, "Function.ResponseSizeTooLarge");
+}
+
+#[tokio::test]
+async fn streamed_response_without_a_sink_is_buffered() {
+    // A plain Invoke of a streaming function: the whole body, buffered.
+    let srv = Server::start().await;
+    let rx = srv.deliver(inv("plain")).await;
+    let req = b"POST /2018-06-01/runtime/invocation/plain/response HTTP/1.1\r\n\
+Host: localhost\r\nConnection: close\r\n\
+Lambda-Runtime-Function-Response-Mode: streaming\r\nContent-Type: text/plain\r\n\
+Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n";
+    let out = raw_exchange(srv.addr, req, false).await;
+    assert!(out.starts_with("HTTP/1.1 202"), "{out}");
+    match outcome(rx).await {
+        InvokeOutcome::Response { body, content_type } => {
+            assert_eq!(&body[..], b"abcdef");
+            assert_eq!(content_type.as_deref(), Some("text/plain"));
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn streamed_error_trailers_end_the_stream_with_the_error() {
+    let srv = Server::start().await;
+    let (rx, events) = srv.deliver_streaming(inv("trailer-s")).await;
+    let drained = tokio::spawn(drain(events));
+    // base64 of {"errorMessage":"boom","errorType":"StreamError"}
+    let req = b"POST /2018-06-01/runtime/invocation/trailer-s/response HTTP/1.1\r\n\
+Host: localhost\r\nConnection: close\r\n\
+Lambda-Runtime-Function-Response-Mode: streaming\r\n\
+Transfer-Encoding: chunked\r\n\
+Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body\r\n\r\n\
+5\r\nhello\r\n0\r\n\
+Lambda-Runtime-Function-Error-Type: Function.StreamError\r\n\
+Lambda-Runtime-Function-Error-Body: eyJlcnJvck1lc3NhZ2UiOiJib29tIiwiZXJyb3JUeXBlIjoiU3RyZWFtRXJyb3IifQ==\r\n\r\n";
+    let out = raw_exchange(srv.addr, req, false).await;
+    assert!(out.starts_with("HTTP/1.1 202"), "{out}");
+    let (_, got) = within(drained).await.unwrap();
+    assert_eq!(got, b"hello");
+    let rep = error_report(outcome(rx).await);
+    assert_eq!(rep.error_type, "Function.StreamError");
+    let v: Value = serde_json::from_slice(&rep.body).unwrap();
+    assert_eq!(v["errorMessage"], "boom");
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_does_not_stop_the_stream() {
+    // Lambda runs a streaming function to its end when the caller disconnects.
+    let srv = Server::start().await;
+    let (rx, events) = srv.deliver_streaming(inv("gone")).await;
+    drop(events);
+    let res = within(
+        srv.post("/invocation/gone/response")
+            .header("lambda-runtime-function-response-mode", "streaming")
+            .body(vec![b'x'; 256 * 1024])
+            .send(),
+    )
+    .await
+    .expect("send");
+    assert_accepted(res).await;
+    assert!(matches!(outcome(rx).await, InvokeOutcome::Response { .. }));
 }
 
 #[tokio::test]

@@ -123,6 +123,16 @@ fn req(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> String
     s
 }
 
+/// A streamed `POST`: chunked, with the streaming response mode and its trailer
+/// announcement; `chunks` is the raw chunked body (with trailers).
+fn streamed(path: &str, chunks: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nLambda-Runtime-Function-Response-Mode: streaming\r\n\
+         Transfer-Encoding: chunked\r\n\
+         Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body\r\n\r\n{chunks}"
+    )
+}
+
 fn err(t: &str, m: &str) -> Body {
     Body::Json(json!({"errorType": t, "errorMessage": m}))
 }
@@ -188,6 +198,25 @@ fn rows() -> Vec<Row> {
             ..row("truncated chunked response", St::Invoking,
                 format!("POST {} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", resp("r1")), 400,
                 err("TruncatedHTTPRequest", "The request body was cut short")) },
+        // ---- streamed /response (Lambda-Runtime-Function-Response-Mode: streaming) ----
+        row("streaming response", St::Invoking, streamed(&resp("r1"), "5\r\nhello\r\n0\r\n\r\n"), 202, accepted()),
+        Row { outcome_error: Some("Function.StreamError"),
+            ..row("streaming response with error trailers", St::Invoking,
+                streamed(&resp("r1"), &format!("5\r\nhello\r\n0\r\nLambda-Runtime-Function-Error-Type: Function.StreamError\r\n\
+                    Lambda-Runtime-Function-Error-Body: {}\r\n\r\n", "eyJlcnJvck1lc3NhZ2UiOiJib29tIn0=")), 202, accepted()) },
+        Row { outcome_error: Some("Runtime.Unknown"),
+            ..row("streaming response with a bad error type trailer", St::Invoking,
+                streamed(&resp("r1"), "0\r\nLambda-Runtime-Function-Error-Type: oops\r\n\r\n"), 202, accepted()) },
+        Row { cut: true, outcome_error: Some("Runtime.TruncatedResponse"),
+            ..row("truncated streaming response", St::Invoking, streamed(&resp("r1"), "5\r\nhello\r\n"), 400,
+                err("TruncatedHTTPRequest", "The request body was cut short")) },
+        Row { outcome_error: Some("Function.ResponseSizeTooLarge"),
+            ..row("oversized streaming response to a plain invoke", St::Invoking,
+                streamed(&resp("r1"), &format!("{:x}\r\n{oversized}\r\n0\r\n\r\n", oversized.len())), 413,
+                err("RequestEntityTooLarge", &format!("Exceeded maximum allowed payload size ({} bytes).", rapid_api::MAX_RESPONSE_BYTES))) },
+        row("streaming response to an unknown id", St::Invoking, streamed(&resp("nope"), "0\r\n\r\n"), 400, err("InvalidRequestID", "Invalid request ID")),
+        row("second streaming response", St::Answered, streamed(&resp("r1"), "0\r\n\r\n"), 403, state_error("Ready", "InvocationResponse")),
+        row("streaming response after close", St::Closed, streamed(&resp("r1"), "0\r\n\r\n"), 500, container()),
         row("bad response mode", St::Invoking, req("POST", &resp("r1"), &[("Lambda-Runtime-Function-Response-Mode", "buffered")], "ok"), 400,
             err("InvalidFunctionResponseMode", "Invalid function response mode: the only valid value is 'streaming'")),
         // ---- /error ----

@@ -3,7 +3,8 @@
 //!
 //! Control socket protocol: newline-delimited JSON over a Unix stream socket. Each request is
 //! one line `{"action": "start" | "shutdown" | "metrics" | "status" | "pause" | "resume" |
-//! "snapshot"}`; each answer one line, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+//! "snapshot" | "fetched_chunks"}`; each answer one line, `{"ok": true, ...}` or
+//! `{"ok": false, "error": "..."}`.
 //! Lines are capped at 64 KiB and at most 16 connections are served at once.
 //!
 //! `snapshot` takes `"state_path"`, `"mem_path"` and `"kind"` (`"full"`, the default, or
@@ -471,6 +472,15 @@ impl Controller {
                 Err(e) => json!({"ok": false, "error": e}),
             },
             Some("snapshot") => self.handle_snapshot(&req),
+            // Each chunked disk's chunks in first-fetch order (the agent's prefetch list).
+            Some("fetched_chunks") => {
+                let disks: Vec<Value> =
+                    crate::devices::virtio::block::chunked::fetched_chunks_by_disk()
+                        .into_iter()
+                        .map(|(path, chunks)| json!({"manifest": path, "chunks": chunks}))
+                        .collect();
+                json!({"ok": true, "disks": disks})
+            }
             Some(other) => json!({"ok": false, "error": format!("unknown action {other:?}")}),
             None => json!({"ok": false, "error": "missing \"action\""}),
         }

@@ -89,6 +89,7 @@ async fn handle(
         payload,
         client_context,
         trace_id: new_trace_id(),
+        stream: None,
     };
     // `X-Amz-Log-Type: Tail`: the last 4 KB of this invocation's log, once it has ended.
     let tail = (header(headers, "x-amz-log-type") == Some("Tail"))
@@ -151,7 +152,7 @@ fn outcome_response(outcome: InvokeOutcome) -> Response {
     res
 }
 
-fn decode_client_context(b64: &str) -> Result<String, LambdaError> {
+pub(super) fn decode_client_context(b64: &str) -> Result<String, LambdaError> {
     if b64.len() > MAX_CLIENT_CONTEXT {
         return Err(LambdaError::invalid_parameter(format!(
             "Client context must be at most {MAX_CLIENT_CONTEXT} bytes"
@@ -177,7 +178,7 @@ fn decode_client_context(b64: &str) -> Result<String, LambdaError> {
 
 /// Reads the payload: at most 6 MB, and JSON (Lambda refuses anything else). An empty body is
 /// the empty JSON object.
-async fn read_payload(body: Body) -> Result<Bytes, LambdaError> {
+pub(super) async fn read_payload(body: Body) -> Result<Bytes, LambdaError> {
     let bytes = match Limited::new(body, MAX_SYNC_PAYLOAD).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
@@ -201,7 +202,7 @@ async fn read_payload(body: Body) -> Result<Bytes, LambdaError> {
 }
 
 /// An X-Ray trace header for the invocation: `Root=1-<epoch hex>-<24 hex>;Sampled=0`.
-fn new_trace_id() -> String {
+pub fn new_trace_id() -> String {
     let secs = chrono::Utc::now().timestamp();
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!(

@@ -4,8 +4,10 @@
 mod concurrency;
 mod error;
 mod event_config;
+mod eventstream;
 mod functions;
 mod invoke;
+mod streaming;
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use error::LambdaError;
+pub use invoke::new_trace_id;
 
 use crate::functions::Registry;
 use crate::pool::Pool;
@@ -52,6 +55,10 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/2015-03-31/functions/{name}/invocations",
             post(invoke::invoke),
+        )
+        .route(
+            "/2021-11-15/functions/{name}/response-streaming-invocations",
+            post(streaming::invoke_stream),
         )
         .route(
             "/2019-09-25/functions/{name}/event-invoke-config",

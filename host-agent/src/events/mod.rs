@@ -22,14 +22,3 @@ pub const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
 pub fn queue_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("events").join("queue.redb")
 }
-
-/// An X-Ray trace header for one attempt: `Root=1-<epoch hex>-<24 hex>;Parent=..;Sampled=0`.
-fn new_trace_id() -> String {
-    let secs = chrono::Utc::now().timestamp();
-    let rand = uuid::Uuid::new_v4().simple().to_string();
-    format!(
-        "Root=1-{secs:08x}-{};Parent={};Sampled=0",
-        &rand[..24],
-        &rand[16..32]
-    )
-}

@@ -23,6 +23,7 @@ use super::config::{self, Effective};
 use super::destination::{record, Condition, Destination};
 use super::queue::{now_ms, EventQueue, EventRecord, Followup, LastResponse, QueueError, Take};
 use crate::functions::{Function, Registry};
+use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolError};
 use crate::sandbox::{InvokeRequest, StartError};
 
@@ -69,6 +70,7 @@ struct Worker {
     queue: Arc<EventQueue>,
     registry: Arc<Registry>,
     pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
     settings: WorkerSettings,
 }
 
@@ -78,6 +80,7 @@ pub fn spawn(
     queue: Arc<EventQueue>,
     registry: Arc<Registry>,
     pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
     settings: WorkerSettings,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -85,6 +88,7 @@ pub fn spawn(
         queue,
         registry,
         pool,
+        metrics,
         settings,
     });
     tokio::spawn(dispatch(w, stop))
@@ -234,9 +238,14 @@ impl Worker {
             request_id: ev.request_id.clone(),
             payload: Bytes::from(ev.payload.clone()),
             client_context: ev.client_context.clone(),
-            trace_id: super::new_trace_id(),
+            trace_id: crate::api::new_trace_id(),
+            stream: None,
         };
-        match self.pool.invoke(function.clone(), req).await {
+        let result = self.pool.invoke(function.clone(), req).await;
+        // Asynchronous attempts count in the same invocation metrics as synchronous ones.
+        self.metrics
+            .record_result(&function.config.function_name, &result);
+        match result {
             Ok(InvokeOutcome::Response { body, .. }) => Attempt::Success(body),
             Ok(InvokeOutcome::Error(report)) => Attempt::FunctionError(report.body),
             Err(PoolError::Start(StartError::Function(report))) => {

@@ -52,11 +52,23 @@ pub struct MicrovmConfig {
     pub images_dir: PathBuf,
     /// From VMM spawn to the guest's connection.
     pub boot_timeout: Duration,
+    /// Chunked root images through the image cache (`--l3`); `None`: local ext4 files.
+    pub chunked: Option<Arc<super::chunked::ChunkedImages>>,
 }
 
 pub struct MicrovmBackend {
     cfg: MicrovmConfig,
     logs: Arc<LogStore>,
+    /// SHA-256 of guest-init (part of chunked image names), computed once.
+    guest_init_digest: std::sync::OnceLock<String>,
+}
+
+/// A VM booting from a chunked image.
+struct ChunkedBoot {
+    images: Arc<super::chunked::ChunkedImages>,
+    name: String,
+    manifest: PathBuf,
+    init: &'static str,
 }
 
 impl MicrovmBackend {
@@ -70,7 +82,11 @@ impl MicrovmBackend {
             }
             std::fs::create_dir_all(dir)?;
         }
-        Ok(MicrovmBackend { cfg, logs })
+        Ok(MicrovmBackend {
+            cfg,
+            logs,
+            guest_init_digest: std::sync::OnceLock::new(),
+        })
     }
 
     /// The read-only ext4 root image for this function revision, built when missing: the
@@ -134,6 +150,61 @@ impl MicrovmBackend {
         .map_err(|e| StartError::Host(format!("root image for {}: {e}", f.config.function_name)))?;
         Ok((path, init))
     }
+
+    /// With chunked images: the revision's image name, its local manifest (built and pushed
+    /// once when the store lacks it) and the guest's init path. The cache starts warming the
+    /// image's prefetch list, if it has one.
+    async fn ensure_chunked(
+        &self,
+        c: &Arc<super::chunked::ChunkedImages>,
+        f: &Arc<Function>,
+    ) -> Result<ChunkedBoot, StartError> {
+        let init = if f.image_source().is_some() {
+            "/var/kindling/init"
+        } else {
+            match Runtime::parse(&f.config.runtime) {
+                Some(Runtime::Provided) => {
+                    check_static_bootstrap(f)?;
+                    "/sbin/init"
+                }
+                Some(Runtime::Python311) => "/var/kindling/init",
+                None => {
+                    return Err(StartError::Host(format!(
+                        "unsupported runtime {}",
+                        f.config.runtime
+                    )))
+                }
+            }
+        };
+        let digest = match self.guest_init_digest.get() {
+            Some(d) => d.clone(),
+            None => {
+                let d = super::chunked::file_digest(&self.cfg.guest_init)
+                    .map_err(|e| StartError::Host(format!("guest-init: {e}")))?;
+                self.guest_init_digest.get_or_init(|| d).clone()
+            }
+        };
+        let name = super::chunked::image_name(f, &digest);
+        let (cfg, func) = (self.cfg.clone(), f.clone());
+        let build: Box<dyn FnOnce() -> Result<PathBuf, String> + Send> = Box::new(move || {
+            MicrovmBackend::ensure_image(&cfg, &func)
+                .map(|(path, _)| path)
+                .map_err(|e| e.to_string())
+        });
+        let (manifest, m) = c.ensure(&name, Some(build)).await.map_err(|e| {
+            StartError::Host(format!(
+                "chunked root image for {}: {e}",
+                f.config.function_name
+            ))
+        })?;
+        c.warm(&name, &m);
+        Ok(ChunkedBoot {
+            images: c.clone(),
+            name,
+            manifest,
+            init,
+        })
+    }
 }
 
 /// A `provided` function's bootstrap must exist and, until a base with a C library exists,
@@ -173,11 +244,27 @@ impl Backend for MicrovmBackend {
 
     async fn start(&self, spec: EnvSpec) -> Result<Box<dyn Sandbox>, StartError> {
         let f = spec.function.clone();
-        let (image, init) = {
-            let (cfg, f) = (self.cfg.clone(), f.clone());
-            tokio::task::spawn_blocking(move || MicrovmBackend::ensure_image(&cfg, &f))
-                .await
-                .map_err(|e| StartError::Host(e.to_string()))??
+        let chunked = match &self.cfg.chunked {
+            Some(c) => Some(self.ensure_chunked(c, &f).await?),
+            None => None,
+        };
+        let (block, init) = match &chunked {
+            Some(b) => (
+                serde_json::json!({"path": b.manifest, "read_only": true, "serial": "rootfs",
+                    "chunked": {"socket": b.images.socket(), "cache_mib": 64}}),
+                b.init,
+            ),
+            None => {
+                let (cfg, f) = (self.cfg.clone(), f.clone());
+                let (image, init) =
+                    tokio::task::spawn_blocking(move || MicrovmBackend::ensure_image(&cfg, &f))
+                        .await
+                        .map_err(|e| StartError::Host(e.to_string()))??;
+                (
+                    serde_json::json!({"path": image, "read_only": true, "serial": "rootfs"}),
+                    init,
+                )
+            }
         };
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let env_dir = self.cfg.envs_dir.join(&id);
@@ -195,16 +282,21 @@ impl Backend for MicrovmBackend {
             ),
             "vcpus": 1,
             "mem_mib": f.config.memory_size.max(128),
-            "block": [{"path": image, "read_only": true, "serial": "rootfs"}],
+            "block": [block],
             "vsock": {"guest_cid": GUEST_CID, "uds_path": uds},
             "serial": {"file": serial},
         });
         let vm_json = env_dir.join("vm.json");
         std::fs::write(&vm_json, vm.to_string()).map_err(|e| StartError::Host(e.to_string()))?;
         let mut cmd = Command::new(&self.cfg.vmm);
-        cmd.arg("--config")
-            .arg(&vm_json)
-            .env("KINDLING_LOG", "warn")
+        cmd.arg("--config").arg(&vm_json);
+        // The control socket: after the first invocation the chunks the VM fetched are read
+        // from it (the image's prefetch list).
+        let api_sock = env_dir.join("api.sock");
+        if chunked.is_some() {
+            cmd.arg("--api-sock").arg(&api_sock);
+        }
+        cmd.env("KINDLING_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -241,6 +333,7 @@ impl Backend for MicrovmBackend {
             broken: false,
             log,
             pending: VecDeque::new(),
+            chunked: chunked.map(|b| (b, api_sock)),
         };
         let boot_start = Instant::now();
 
@@ -281,6 +374,9 @@ pub struct MicrovmSandbox {
     log: Arc<EnvLog>,
     /// Frames read ahead while draining log lines, handed out by `recv` first.
     pending: VecDeque<Message>,
+    /// Chunked image and the VMM's control socket, until the first invocation records
+    /// which chunks the VM fetched.
+    chunked: Option<(ChunkedBoot, PathBuf)>,
 }
 
 impl MicrovmSandbox {
@@ -453,6 +549,19 @@ impl Sandbox for MicrovmSandbox {
             timeout: Duration::from_secs(u64::from(self.function.config.timeout)),
             max_memory_mb: None,
         });
+        if let Some((boot, api_sock)) = self.chunked.take() {
+            // The cold start has answered: what the VM fetched up to now is its boot and
+            // first invocation, the next cold start's prefetch list.
+            tokio::spawn(async move {
+                if let Err(e) = boot
+                    .images
+                    .record_cold_start(&boot.name, &boot.manifest, &api_sock)
+                    .await
+                {
+                    tracing::warn!(image = %boot.name, "cannot record the fetched chunks: {e}");
+                }
+            });
+        }
         outcome
     }
 

@@ -3,6 +3,7 @@
 //! A sandbox runs one function's runtime and serves one invocation at a time. The pool
 //! (`crate::pool`) decides when to start, reuse or stop one; the backend decides how.
 
+pub mod chunked;
 pub mod microvm;
 pub mod process;
 
@@ -53,6 +54,9 @@ pub struct InvokeRequest {
     /// Decoded client context JSON, when the caller sent one.
     pub client_context: Option<String>,
     pub trace_id: String,
+    /// InvokeWithResponseStream: where a streamed response goes as it comes (the outcome
+    /// then ends it); `None`: buffered, as Invoke answers.
+    pub stream: Option<rapid_api::StreamSink>,
 }
 
 /// Why an environment could not be started.

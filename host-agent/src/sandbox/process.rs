@@ -6,18 +6,30 @@
 //! `rapid-api` inside the agent), its own working directory `<data-dir>/envs/<id>/` holding a
 //! hard-linked copy of the code as the task root plus a private `tmp/`, Lambda's environment
 //! variables, its own process group (killed as a whole), and one invocation at a time.
+//!
+//! External extensions (Lambda's `/opt/extensions/*`) are the executables in the code's
+//! `extensions/` directory: Kindling has no layers, so a ZIP's `extensions/` plays the part of
+//! `/opt/extensions`. They start before the runtime, in the environment's process group, and
+//! take part in its lifecycle through the Extensions API that `rapid-api` serves.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::ffi::OsString;
+use std::io::Read as _;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rapid_api::{CoreError, ErrorReport, Invocation, InvokeOutcome, RuntimeCore};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use rapid_api::{
+    CoreConfig, CoreError, ErrorReport, Invocation, InvokeOutcome, RuntimeCore, ShutdownReason,
+    StreamLimits, MAX_EXTENSIONS,
+};
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 
 use super::{Backend, EnvSpec, InvokeRequest, Sandbox, StartError};
@@ -26,8 +38,10 @@ use crate::logs::{EnvLog, InvocationEnd, LogStore};
 
 /// Longest log line forwarded as one record (Lambda cuts lines at 256 KiB).
 const MAX_LOG_LINE: usize = 256 * 1024;
-/// How long an invocation's end waits for the output pumps to catch up.
-const LOG_SYNC_LIMIT: Duration = Duration::from_secs(1);
+/// Most bytes one drain of an output pipe reads before it lets others run.
+const DRAIN_LIMIT: usize = 1024 * 1024;
+/// Lambda's shutdown phase: SHUTDOWN to the extensions, then SIGKILL at this deadline.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(2);
 
 pub struct ProcessBackend {
     envs_dir: PathBuf,
@@ -35,6 +49,8 @@ pub struct ProcessBackend {
     /// Result of checking once that `python` can import `awslambdaric`.
     python_check: OnceCell<Result<(), String>>,
     logs: Arc<LogStore>,
+    /// Size and bandwidth caps of streamed responses.
+    stream_limits: StreamLimits,
 }
 
 impl ProcessBackend {
@@ -49,7 +65,14 @@ impl ProcessBackend {
             python,
             python_check: OnceCell::new(),
             logs,
+            stream_limits: StreamLimits::default(),
         })
+    }
+
+    /// Streamed responses get these caps instead of Lambda's.
+    pub fn with_stream_limits(mut self, limits: StreamLimits) -> Self {
+        self.stream_limits = limits;
+        self
     }
 
     async fn check_python(&self) -> Result<(), StartError> {
@@ -124,22 +147,54 @@ impl Backend for ProcessBackend {
         if Runtime::parse(&f.config.runtime) == Some(Runtime::Python311) {
             self.check_python().await?;
         }
+        // Init (extensions, then the runtime) has this long, all together.
+        let init_deadline = Instant::now() + spec.init_timeout;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let env_dir = self.envs_dir.join(&id);
         let task_root = env_dir.join("task");
         let tmp = env_dir.join("tmp");
-        {
+        let extensions = {
             let (code, task_root, tmp) = (f.code_dir.clone(), task_root.clone(), tmp.clone());
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&tmp)?;
-                link_tree(&code, &task_root)
+                link_tree(&code, &task_root)?;
+                find_extensions(&task_root)
             })
             .await
             .map_err(|e| StartError::Host(e.to_string()))?
-            .map_err(|e| StartError::Host(format!("preparing {}: {e}", env_dir.display())))?;
+            .map_err(|e| StartError::Host(format!("preparing {}: {e}", env_dir.display())))?
+        };
+        if extensions.len() > MAX_EXTENSIONS {
+            super::remove_dir_in_background(env_dir);
+            return Err(StartError::Function(ErrorReport::platform(
+                "Extension.InitError",
+                format!(
+                    "Too many extensions: {} executables in extensions/ (/opt/extensions); \
+                     Lambda allows at most {MAX_EXTENSIONS}",
+                    extensions.len()
+                ),
+            )));
         }
-        // From here on, `env` cleans up (kills, removes the directory) when dropped.
-        let core = RuntimeCore::new();
+        let cfg = &f.config;
+        let core = RuntimeCore::with_config(CoreConfig {
+            function_name: cfg.function_name.clone(),
+            function_version: cfg.version.clone(),
+            handler: cfg.handler.clone(),
+            account_id: cfg
+                .function_arn
+                .split(':')
+                .nth(4)
+                .unwrap_or_default()
+                .to_string(),
+            memory_size_mb: Some(cfg.memory_size),
+            initialization_type: match spec.initialization_type {
+                super::InitializationType::OnDemand => rapid_api::InitializationType::OnDemand,
+                super::InitializationType::ProvisionedConcurrency => {
+                    rapid_api::InitializationType::ProvisionedConcurrency
+                }
+            },
+        });
+        core.set_stream_limits(self.stream_limits);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| StartError::Host(format!("binding a Runtime API port: {e}")))?;
@@ -151,7 +206,6 @@ impl Backend for ProcessBackend {
             let _ = api_stopped.await;
         }));
         let (exit_tx, exit_rx) = watch::channel(None);
-        let cfg = &f.config;
         let now = chrono::Utc::now();
         let stream_name = format!("{}/[{}]{id}", now.format("%Y/%m/%d"), cfg.version);
         let log = self
@@ -163,117 +217,255 @@ impl Backend for ProcessBackend {
                 spec.initialization_type == super::InitializationType::ProvisionedConcurrency,
             )
             .map_err(|e| StartError::Host(e.to_string()))?;
+        let shared = Arc::new(EnvShared {
+            id: id.clone(),
+            function_name: cfg.function_name.clone(),
+            core: core.clone(),
+            pgid: AtomicI32::new(0),
+            runtime_pid: AtomicI32::new(0),
+            extensions: extensions.len(),
+            runtime_exit: exit_rx,
+            stopping: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            stop_api: Mutex::new(Some(stop_api)),
+            env_dir: Mutex::new(env_dir),
+            down: OnceCell::new(),
+        });
+        let memory = Arc::new(MemoryTracker::default());
+        // From here on, `env` cleans up (kills, removes the directory) when dropped.
         let mut env = ProcessSandbox {
             id: id.clone(),
             function: f.clone(),
-            core,
-            pgid: None,
-            exit: exit_rx,
-            stop_api: Some(stop_api),
-            env_dir,
-            broken: false,
+            env: shared.clone(),
             log: log.clone(),
-            log_sync: Vec::new(),
-            peak_kb: 0,
+            pumps: Vec::new(),
+            memory: memory.clone(),
+            reset: None,
+        };
+        // Telemetry of log lines exists only for extensions to subscribe to.
+        let telemetry = (!extensions.is_empty()).then(|| core.clone());
+        let pump_ctx = PumpCtx {
+            log: log.clone(),
+            core: telemetry,
+            function: cfg.function_name.as_str().into(),
+            env: id.as_str().into(),
         };
 
+        // What the runtime and the extensions see (Lambda gives both the same variables).
+        let mut vars: Vec<(OsString, OsString)> = vec![
+            (
+                "PATH".into(),
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            ),
+            ("LANG".into(), "en_US.UTF-8".into()),
+            ("TZ".into(), ":UTC".into()),
+            ("HOME".into(), tmp.clone().into()),
+            ("TMPDIR".into(), tmp.clone().into()),
+            ("AWS_LAMBDA_RUNTIME_API".into(), api_addr.to_string().into()),
+            ("_HANDLER".into(), cfg.handler.clone().into()),
+            ("LAMBDA_TASK_ROOT".into(), task_root.clone().into()),
+            ("LAMBDA_RUNTIME_DIR".into(), task_root.clone().into()),
+            ("AWS_REGION".into(), spec.region.clone().into()),
+            ("AWS_DEFAULT_REGION".into(), spec.region.clone().into()),
+            (
+                "AWS_LAMBDA_FUNCTION_NAME".into(),
+                cfg.function_name.clone().into(),
+            ),
+            (
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(),
+                cfg.memory_size.to_string().into(),
+            ),
+            (
+                "AWS_LAMBDA_FUNCTION_VERSION".into(),
+                cfg.version.clone().into(),
+            ),
+            (
+                "AWS_LAMBDA_LOG_GROUP_NAME".into(),
+                format!("/aws/lambda/{}", cfg.function_name).into(),
+            ),
+            ("AWS_LAMBDA_LOG_STREAM_NAME".into(), stream_name.into()),
+            (
+                "AWS_LAMBDA_INITIALIZATION_TYPE".into(),
+                spec.initialization_type.as_str().into(),
+            ),
+        ];
+        if Runtime::parse(&cfg.runtime) == Some(Runtime::Python311) {
+            vars.push(("AWS_EXECUTION_ENV".into(), "AWS_Lambda_python3.11".into()));
+            vars.push(("PYTHONUNBUFFERED".into(), "1".into()));
+        }
+        if let Some(fvars) = &cfg.environment {
+            vars.extend(fvars.variables.iter().map(|(k, v)| (k.into(), v.into())));
+        }
+        let spawned_at = Instant::now();
+
+        // Extension init: start each extension, wait until every one has registered.
+        let (ext_exit_tx, mut ext_exits) = mpsc::unbounded_channel::<String>();
+        for (name, path) in &extensions {
+            let mut cmd = Command::new(path);
+            cmd.current_dir(&task_root)
+                .env_clear()
+                .envs(vars.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            env.join_group(&mut cmd);
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    env.reset = Some(ShutdownReason::Failure);
+                    return Err(match spawn_error(&cmd, e) {
+                        StartError::Function(mut r) => {
+                            r.error_type = "Extension.LaunchError".into();
+                            StartError::Function(r)
+                        }
+                        other => other,
+                    });
+                }
+            };
+            let pid = child.id().map(|p| p as i32).unwrap_or(0);
+            let _ = shared
+                .pgid
+                .compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst);
+            memory.add_leader(pid);
+            let source = Source::Extension(name.as_str().into());
+            env.pumps.extend(start_pumps(&mut child, &pump_ctx, source));
+            let (shared, name, exits) = (shared.clone(), name.clone(), ext_exit_tx.clone());
+            tokio::spawn(async move {
+                let status = child.wait().await.ok();
+                if !shared.stopping.load(Ordering::SeqCst) {
+                    shared.failed.store(true, Ordering::SeqCst);
+                    tracing::warn!(function = %shared.function_name, env = %shared.id,
+                        extension = %name, "extension exited: {}", describe_exit(status));
+                }
+                // During shutdown this is its acknowledgement; otherwise a crash.
+                shared.core.extension_exited(&name);
+                let _ = exits.send(name);
+            });
+        }
+        drop(ext_exit_tx);
+        if !extensions.is_empty() {
+            let registered = loop {
+                tokio::select! {
+                    biased;
+                    r = core.wait_registered(extensions.len()) => break r,
+                    Some(name) = ext_exits.recv() => {
+                        if !core.registered_extensions().contains(&name) {
+                            env.reset = Some(ShutdownReason::Failure);
+                            return Err(StartError::Function(ErrorReport::platform(
+                                "Extension.Crash",
+                                format!("Extension {name} exited before it registered"),
+                            )));
+                        }
+                        // A registered one: the core has failed init with Extension.Crash.
+                    }
+                    _ = tokio::time::sleep_until(init_deadline.into()) => {
+                        env.reset = Some(ShutdownReason::Timeout);
+                        return Err(StartError::InitTimeout(spec.init_timeout));
+                    }
+                }
+            };
+            if let Err(e) = registered {
+                env.reset = Some(ShutdownReason::Failure);
+                return Err(match e {
+                    CoreError::InitFailed(report) => StartError::Function(report),
+                    e => StartError::Host(e.to_string()),
+                });
+            }
+            // The core hears of every exit from here on (a crash fails init).
+            drop(ext_exits);
+        }
+
+        // Runtime init.
         let mut cmd = match self.runtime_command(&f, &task_root) {
             Ok(c) => c,
             Err(e) => return Err(e),
         };
         cmd.current_dir(&task_root)
             .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .env("LANG", "en_US.UTF-8")
-            .env("TZ", ":UTC")
-            .env("HOME", &tmp)
-            .env("TMPDIR", &tmp)
-            .env("AWS_LAMBDA_RUNTIME_API", api_addr.to_string())
-            .env("_HANDLER", &cfg.handler)
-            .env("LAMBDA_TASK_ROOT", &task_root)
-            .env("LAMBDA_RUNTIME_DIR", &task_root)
-            .env("AWS_REGION", &spec.region)
-            .env("AWS_DEFAULT_REGION", &spec.region)
-            .env("AWS_LAMBDA_FUNCTION_NAME", &cfg.function_name)
-            .env(
-                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-                cfg.memory_size.to_string(),
-            )
-            .env("AWS_LAMBDA_FUNCTION_VERSION", &cfg.version)
-            .env(
-                "AWS_LAMBDA_LOG_GROUP_NAME",
-                format!("/aws/lambda/{}", cfg.function_name),
-            )
-            .env("AWS_LAMBDA_LOG_STREAM_NAME", &stream_name)
-            .env(
-                "AWS_LAMBDA_INITIALIZATION_TYPE",
-                spec.initialization_type.as_str(),
-            )
+            .envs(vars.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if Runtime::parse(&cfg.runtime) == Some(Runtime::Python311) {
-            cmd.env("AWS_EXECUTION_ENV", "AWS_Lambda_python3.11")
-                .env("PYTHONUNBUFFERED", "1");
-        }
-        if let Some(vars) = &cfg.environment {
-            cmd.envs(&vars.variables);
-        }
-        // Its own process group, so that stopping kills the whole tree.
-        super::own_group_dying_with_agent(&mut cmd);
-        let spawned_at = Instant::now();
+        env.join_group(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) => return Err(spawn_error(&cmd, e)),
+            Err(e) => {
+                env.reset = Some(ShutdownReason::Failure);
+                return Err(spawn_error(&cmd, e));
+            }
         };
-        env.pgid = child.id().map(|p| p as i32);
-        let fname = cfg.function_name.clone();
-        if let Some(out) = child.stdout.take() {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let fd = out.as_raw_fd();
-            env.log_sync.push(tx);
-            tokio::spawn(pump_logs(
-                out,
-                fd,
-                rx,
-                log.clone(),
-                fname.clone(),
-                id.clone(),
-            ));
-        }
-        if let Some(err) = child.stderr.take() {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let fd = err.as_raw_fd();
-            env.log_sync.push(tx);
-            tokio::spawn(pump_logs(err, fd, rx, log.clone(), fname, id.clone()));
-        }
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let _ = shared
+            .pgid
+            .compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst);
+        shared.runtime_pid.store(pid, Ordering::SeqCst);
+        memory.set_runtime(pid);
+        env.pumps
+            .extend(start_pumps(&mut child, &pump_ctx, Source::Runtime));
         tokio::spawn(async move {
             let status = child.wait().await.ok();
             let _ = exit_tx.send(Some(status));
         });
+        if !extensions.is_empty() {
+            // The report's maxMemoryUsedMB for telemetry subscribers.
+            let m = memory.clone();
+            core.set_memory_probe(Box::new(move || m.sample()));
+        }
 
-        let mut exit = env.exit.clone();
+        let mut exit = shared.runtime_exit.clone();
+        let fname = &cfg.function_name;
         tokio::select! {
             biased;
-            ready = env.core.wait_ready() => match ready {
+            ready = core.wait_ready() => match ready {
                 Ok(()) => {
-                    tracing::debug!(function = %cfg.function_name, env = %id, "runtime ready");
+                    tracing::debug!(function = %fname, env = %id, extensions = extensions.len(), "runtime ready");
                     log.ready(spawned_at.elapsed());
                     Ok(Box::new(env))
                 }
-                Err(CoreError::InitFailed(report)) => Err(StartError::Function(report)),
+                Err(CoreError::InitFailed(report)) => {
+                    env.reset = Some(ShutdownReason::Failure);
+                    Err(StartError::Function(report))
+                }
                 Err(e) => Err(StartError::Host(e.to_string())),
             },
-            status = wait_exit(&mut exit) => Err(StartError::Function(ErrorReport::platform(
-                "Runtime.ExitError",
-                format!("Error: Runtime exited with error: {}", describe_exit(status)),
-            ))),
-            _ = tokio::time::sleep(spec.init_timeout) => Err(StartError::InitTimeout(spec.init_timeout)),
+            status = wait_exit(&mut exit) => {
+                env.reset = Some(ShutdownReason::Failure);
+                Err(StartError::Function(ErrorReport::platform(
+                    "Runtime.ExitError",
+                    format!("Error: Runtime exited with error: {}", describe_exit(status)),
+                )))
+            }
+            _ = tokio::time::sleep_until(init_deadline.into()) => {
+                env.reset = Some(ShutdownReason::Timeout);
+                Err(StartError::InitTimeout(spec.init_timeout))
+            }
         }
     }
+}
+
+/// The external extensions of a task root: the executable files in its `extensions/`
+/// directory (Kindling's `/opt/extensions`), by name. Anything else there is ignored.
+fn find_extensions(task_root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let dir = task_root.join("extensions");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        // Follows symlinks (kept inside the code by the store).
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+            found.push((entry.file_name().to_string_lossy().into_owned(), path));
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// A spawn failure that is the function's fault (not executable, bad interpreter line) is
@@ -315,55 +507,190 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
     }
 }
 
-/// A request to a pump: read everything already in the pipe, then answer.
-type SyncRequest = oneshot::Sender<()>;
-
-/// Forwards a runtime's output, a line at a time with lines capped, to the function's log and
-/// the agent's log. On a sync request it first drains what the runtime has already written
-/// (the bytes in the pipe: FIONREAD on `fd`, which `stream` keeps open), so that an
-/// invocation's lines land before its END.
-async fn pump_logs(
-    mut stream: impl AsyncRead + Unpin,
-    fd: RawFd,
-    mut sync: mpsc::UnboundedReceiver<SyncRequest>,
-    log: Arc<EnvLog>,
-    function: String,
-    env: String,
-) {
-    let mut lines = LineBuffer::default();
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut syncing = true;
-    loop {
-        tokio::select! {
-            biased;
-            r = stream.read(&mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => lines.push(&buf[..n], |l| emit(&log, &function, &env, l)),
-            },
-            req = sync.recv(), if syncing => match req {
-                Some(ack) => {
-                    while pipe_pending(fd) > 0 {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => lines.push(&buf[..n], |l| emit(&log, &function, &env, l)),
-                        }
-                    }
-                    // An unterminated last line belongs to the invocation that wrote it.
-                    lines.flush(|l| emit(&log, &function, &env, l));
-                    let _ = ack.send(());
-                }
-                None => syncing = false,
-            },
-        }
-    }
-    lines.flush(|l| emit(&log, &function, &env, l));
+/// Whose output a pump carries.
+#[derive(Clone)]
+enum Source {
+    Runtime,
+    Extension(Arc<str>),
 }
 
-fn emit(log: &EnvLog, function: &str, env: &str, line: &[u8]) {
-    let text = String::from_utf8_lossy(line);
-    let text = text.trim_end_matches(['\n', '\r']);
-    tracing::info!(target: "kindling::function", function = %function, env = %env, "{}", text);
-    log.line(text);
+/// What every pump of an environment shares.
+struct PumpCtx {
+    log: Arc<EnvLog>,
+    /// Lines also go to the Telemetry API (only when the function has extensions).
+    core: Option<Arc<RuntimeCore>>,
+    function: Arc<str>,
+    env: Arc<str>,
+}
+
+/// One output pipe (stdout or stderr) of the runtime or an extension, forwarded a line at a
+/// time (lines capped) to the function's log, the agent's log and the Telemetry API.
+///
+/// Both its own task and the sandbox read it, under one lock, with non-blocking reads: the
+/// sandbox drains it before START and after the answer, so that an invocation's lines land
+/// between its START and END, without a round trip to the task when nothing was written.
+struct Pump {
+    pipe: AsyncFd<std::fs::File>,
+    state: Mutex<PumpState>,
+    source: Source,
+    log: Arc<EnvLog>,
+    core: Option<Arc<RuntimeCore>>,
+    function: Arc<str>,
+    env: Arc<str>,
+}
+
+struct PumpState {
+    lines: LineBuffer,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+/// What a drain found.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    /// The pipe is empty now.
+    Empty,
+    /// It stopped at [`DRAIN_LIMIT`]: there may be more.
+    More,
+    /// End of stream (every writer has gone).
+    Eof,
+}
+
+fn start_pumps(child: &mut Child, ctx: &PumpCtx, source: Source) -> Vec<Arc<Pump>> {
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    if let Some(out) = child.stdout.take().and_then(|o| o.into_owned_fd().ok()) {
+        fds.push(out);
+    }
+    if let Some(err) = child.stderr.take().and_then(|e| e.into_owned_fd().ok()) {
+        fds.push(err);
+    }
+    let mut pumps = Vec::new();
+    for fd in fds {
+        match Pump::new(fd, ctx, source.clone()) {
+            Ok(p) => {
+                let p = Arc::new(p);
+                tokio::spawn(p.clone().run());
+                pumps.push(p);
+            }
+            Err(e) => {
+                tracing::warn!(function = %ctx.function, env = %ctx.env, "cannot forward output: {e}")
+            }
+        }
+    }
+    pumps
+}
+
+impl Pump {
+    fn new(fd: OwnedFd, ctx: &PumpCtx, source: Source) -> std::io::Result<Pump> {
+        set_nonblocking(&fd)?;
+        Ok(Pump {
+            pipe: AsyncFd::new(std::fs::File::from(fd))?,
+            state: Mutex::new(PumpState {
+                lines: LineBuffer::default(),
+                buf: vec![0u8; 16 * 1024],
+                eof: false,
+            }),
+            source,
+            log: ctx.log.clone(),
+            core: ctx.core.clone(),
+            function: ctx.function.clone(),
+            env: ctx.env.clone(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PumpState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads what the pipe holds now, without waiting, and logs its complete lines; with
+    /// `flush`, also an unterminated last line (it belongs to the invocation that wrote it).
+    fn drain(&self, flush: bool) -> Drained {
+        let mut st = self.lock();
+        if st.eof {
+            return Drained::Eof;
+        }
+        let PumpState { lines, buf, eof } = &mut *st;
+        let mut read = 0;
+        let result = loop {
+            if read >= DRAIN_LIMIT {
+                break Drained::More;
+            }
+            match self.pipe.get_ref().read(buf) {
+                Ok(0) => break Drained::Eof,
+                Ok(n) => {
+                    read += n;
+                    lines.push(&buf[..n], |l| self.emit(l));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Drained::Empty,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break Drained::Eof,
+            }
+        };
+        if flush || result == Drained::Eof {
+            lines.flush(|l| self.emit(l));
+        }
+        *eof = result == Drained::Eof;
+        result
+    }
+
+    async fn run(self: Arc<Self>) {
+        loop {
+            let Ok(mut ready) = self.pipe.readable().await else {
+                self.drain(true);
+                return;
+            };
+            match self.drain(false) {
+                Drained::Empty => ready.clear_ready(),
+                Drained::More => {
+                    drop(ready);
+                    tokio::task::yield_now().await;
+                }
+                Drained::Eof => return,
+            }
+        }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        // Extension lines go to the function's log as they are, as in Lambda; the agent's
+        // log names the extension.
+        match &self.source {
+            Source::Runtime => {
+                tracing::info!(target: "kindling::function", function = %self.function,
+                    env = %self.env, "{}", text);
+                if let Some(core) = &self.core {
+                    core.function_log(text);
+                }
+            }
+            Source::Extension(name) => {
+                tracing::info!(target: "kindling::function", function = %self.function,
+                    env = %self.env, extension = %name, "{}", text);
+                if let Some(core) = &self.core {
+                    core.extension_log(name, text);
+                }
+            }
+        }
+        self.log.line(text);
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own, reading then setting its status flags; no
+    // memory is passed.
+    let r = unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Splits a byte stream into lines of at most `MAX_LOG_LINE` bytes.
@@ -401,53 +728,126 @@ impl LineBuffer {
     }
 }
 
-/// Bytes waiting in a pipe.
-fn pipe_pending(fd: RawFd) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`; `fd` is
-    // the read end of the runtime's pipe, kept open by the pump that calls this.
-    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
-    if r < 0 {
-        0
-    } else {
-        usize::try_from(n).unwrap_or(0)
-    }
+/// Peak memory of the environment's processes: for each leader (the runtime, each
+/// extension) its high-water mark (VmHWM), plus the current RSS of its descendants.
+///
+/// The leaders' `/proc` files stay open and are re-read with `pread` at offset 0 (procfs
+/// regenerates them), so a sample costs a read per leader, plus its `children` list; the
+/// descendants' files are opened only when there are any.
+#[derive(Default)]
+struct MemoryTracker {
+    files: Mutex<ProcFiles>,
+    peak_kb: AtomicU64,
 }
 
-/// Peak memory of the runtime's process tree in kB: the leader's high-water mark (VmHWM)
-/// plus the current RSS of its descendants (`children` of each process, as far as they
-/// still live). None when the leader is gone.
-fn tree_memory_kb(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let mut total = status_kb(&status, "VmHWM:")?;
-    let mut stack = children(pid);
-    let mut seen = 0;
-    while let Some(child) = stack.pop() {
-        seen += 1;
-        if seen > 4096 {
-            break;
-        }
-        if let Ok(st) = std::fs::read_to_string(format!("/proc/{child}/status")) {
-            total += status_kb(&st, "VmRSS:").unwrap_or(0);
-        }
-        stack.extend(children(child));
-    }
-    Some(total)
+#[derive(Default)]
+struct ProcFiles {
+    /// The runtime first (when started), then the extensions.
+    leaders: Vec<Leader>,
+    buf: Vec<u8>,
 }
 
-fn status_kb(status: &str, key: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with(key))?;
-    line[key.len()..].split_whitespace().next()?.parse().ok()
+struct Leader {
+    status: std::fs::File,
+    children: Option<std::fs::File>,
 }
 
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
+impl Leader {
+    fn open(pid: i32) -> Option<Leader> {
+        Some(Leader {
+            status: std::fs::File::open(format!("/proc/{pid}/status")).ok()?,
+            children: std::fs::File::open(format!("/proc/{pid}/task/{pid}/children")).ok(),
         })
-        .unwrap_or_default()
+    }
+}
+
+/// The whole of a procfs file, re-read from its start into `buf`.
+fn pread_all<'a>(f: &std::fs::File, buf: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+    if buf.len() < 8192 {
+        buf.resize(8192, 0);
+    }
+    let mut len = 0;
+    loop {
+        match f.read_at(&mut buf[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => {
+                len += n;
+                if len == buf.len() {
+                    buf.resize(buf.len() * 2, 0);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(&buf[..len])
+}
+
+impl MemoryTracker {
+    fn files(&self) -> MutexGuard<'_, ProcFiles> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_runtime(&self, pid: i32) {
+        if let Some(l) = Leader::open(pid) {
+            self.files().leaders.insert(0, l);
+        }
+    }
+
+    fn add_leader(&self, pid: i32) {
+        if let Some(l) = Leader::open(pid) {
+            self.files().leaders.push(l);
+        }
+    }
+
+    /// Measures now; returns the peak in MB (rounded up), if ever measured.
+    fn sample(&self) -> Option<u64> {
+        let mut files = self.files();
+        let ProcFiles { leaders, buf } = &mut *files;
+        let mut total = 0;
+        let mut kids = Vec::new();
+        for l in leaders.iter() {
+            let Some(status) = pread_all(&l.status, buf) else {
+                continue; // gone
+            };
+            total += status_kb(status, b"VmHWM:").unwrap_or(0);
+            if let Some(children) = l.children.as_ref().and_then(|c| pread_all(c, buf)) {
+                kids.extend(pids(children));
+            }
+        }
+        // Descendants, as far as they still live.
+        let mut seen = 0;
+        while let Some(child) = kids.pop() {
+            seen += 1;
+            if seen > 4096 {
+                break;
+            }
+            if let Ok(st) = std::fs::read(format!("/proc/{child}/status")) {
+                total += status_kb(&st, b"VmRSS:").unwrap_or(0);
+            }
+            if let Ok(c) = std::fs::read(format!("/proc/{child}/task/{child}/children")) {
+                kids.extend(pids(&c));
+            }
+        }
+        drop(files);
+        let peak = self.peak_kb.fetch_max(total, Ordering::Relaxed).max(total);
+        (peak > 0).then(|| peak.div_ceil(1024))
+    }
+}
+
+fn status_kb(status: &[u8], key: &[u8]) -> Option<u64> {
+    let line = status.split(|&b| b == b'\n').find(|l| l.starts_with(key))?;
+    std::str::from_utf8(&line[key.len()..])
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn pids(list: &[u8]) -> impl Iterator<Item = i32> + '_ {
+    list.split(|b| b.is_ascii_whitespace())
+        .filter_map(|p| std::str::from_utf8(p).ok()?.parse().ok())
 }
 
 /// Mirrors `src` into `dst` with hard links (copying where linking fails, e.g. across file
@@ -475,56 +875,185 @@ fn epoch_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// What outlives the sandbox value: its processes, core and directory, until shut down (the
+/// extensions' shutdown phase runs in a task of its own when the pool drops the sandbox).
+struct EnvShared {
+    id: String,
+    function_name: String,
+    core: Arc<RuntimeCore>,
+    /// The environment's process group: the first process started in it (0: none yet).
+    pgid: AtomicI32,
+    runtime_pid: AtomicI32,
+    extensions: usize,
+    runtime_exit: watch::Receiver<Option<Option<ExitStatus>>>,
+    /// Shutting down: an extension's exit is its acknowledgement, not a crash.
+    stopping: AtomicBool,
+    /// An extension crashed, or the invoke phase failed after the runtime's answer.
+    failed: AtomicBool,
+    stop_api: Mutex<Option<oneshot::Sender<()>>>,
+    env_dir: Mutex<PathBuf>,
+    /// Set once the environment has been shut down.
+    down: OnceCell<()>,
+}
+
+impl EnvShared {
+    /// Shuts the environment down once (later calls wait for the first): with extensions,
+    /// Lambda's shutdown phase (SIGTERM to the runtime, SHUTDOWN with `reason` to the
+    /// extensions, up to [`SHUTDOWN_LIMIT`]), then SIGKILL to the whole process group.
+    async fn shut_down(self: &Arc<Self>, reason: ShutdownReason) {
+        let this = self.clone();
+        self.down
+            .get_or_init(|| async move {
+                this.stopping.store(true, Ordering::SeqCst);
+                if this.extensions > 0 {
+                    this.shutdown_phase(reason).await;
+                }
+                this.finish();
+            })
+            .await;
+    }
+
+    async fn shutdown_phase(&self, reason: ShutdownReason) {
+        let deadline = Instant::now() + SHUTDOWN_LIMIT;
+        let mut exit = self.runtime_exit.clone();
+        let pid = self.runtime_pid.load(Ordering::SeqCst);
+        // Not yet reaped, so the pid is still the runtime's.
+        let running = pid > 0 && exit.borrow().is_none();
+        if running {
+            // SAFETY: kill(2) on the runtime's pid (see above); no memory is involved.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let report = self.core.shutdown(reason, deadline).await;
+        tracing::debug!(function = %self.function_name, env = %self.id, reason = reason.as_str(),
+            acknowledged = ?report.acknowledged, timed_out = ?report.timed_out, "extensions shut down");
+        if running {
+            let _ = tokio::time::timeout_at(deadline.into(), wait_exit(&mut exit)).await;
+        }
+    }
+
+    /// Kills what is left, closes the core and the listener, removes the directory.
+    fn finish(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.core.close();
+        let pgid = self.pgid.swap(0, Ordering::SeqCst);
+        if pgid > 0 {
+            // The group is killed even when its leader has exited: children the runtime left
+            // behind are part of the environment. Linux does not reuse a pid while a process
+            // group of that id still has members.
+            // SAFETY: kill(2) with a negative pid signals the process group we created for
+            // this environment; it touches no memory of ours.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+        let stop = self
+            .stop_api
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        let dir = std::mem::take(&mut *self.env_dir.lock().unwrap_or_else(|e| e.into_inner()));
+        super::remove_dir_in_background(dir);
+        tracing::debug!(function = %self.function_name, env = %self.id, "environment stopped");
+    }
+}
+
 pub struct ProcessSandbox {
     id: String,
     function: Arc<Function>,
-    core: Arc<RuntimeCore>,
-    /// Process group of the runtime (its pid), once spawned.
-    pgid: Option<i32>,
-    exit: watch::Receiver<Option<Option<ExitStatus>>>,
-    stop_api: Option<oneshot::Sender<()>>,
-    env_dir: PathBuf,
-    broken: bool,
+    env: Arc<EnvShared>,
     log: Arc<EnvLog>,
-    /// One per output pump: asks it to drain what the runtime has written so far.
-    log_sync: Vec<mpsc::UnboundedSender<SyncRequest>>,
-    /// Highest memory use seen, in kB.
-    peak_kb: u64,
+    /// The output pipes of the runtime and the extensions.
+    pumps: Vec<Arc<Pump>>,
+    memory: Arc<MemoryTracker>,
+    /// Why the environment must be reset (shut down with that reason), if it must.
+    reset: Option<ShutdownReason>,
 }
 
 impl ProcessSandbox {
     fn exited(&self) -> bool {
-        self.exit.borrow().is_some()
+        self.env.runtime_exit.borrow().is_some()
     }
 
-    /// Waits (briefly) until the pumps have logged everything the runtime wrote so far. A
-    /// pump that is gone has reached the end of its pipe, so it has nothing left either.
-    async fn sync_logs(&self) {
-        let mut acks = Vec::new();
-        for tx in &self.log_sync {
-            let (ack, done) = oneshot::channel();
-            if tx.send(ack).is_ok() {
-                acks.push(done);
-            }
-        }
-        let _ = tokio::time::timeout(LOG_SYNC_LIMIT, async {
-            for a in acks {
-                let _ = a.await;
-            }
-        })
-        .await;
-    }
-
-    fn sample_memory(&mut self) {
-        if let Some(kb) = self.pgid.and_then(tree_memory_kb) {
-            self.peak_kb = self.peak_kb.max(kb);
+    /// Makes `cmd` a member of the environment's process group (its first process leads
+    /// it), dying with the agent.
+    fn join_group(&self, cmd: &mut Command) {
+        super::own_group_dying_with_agent(cmd);
+        let pgid = self.env.pgid.load(Ordering::SeqCst);
+        if pgid > 0 {
+            cmd.process_group(pgid);
         }
     }
 
-    /// Peak memory in MB (rounded up), when it was ever measured.
-    fn max_memory_mb(&self) -> Option<u64> {
-        (self.peak_kb > 0).then(|| self.peak_kb.div_ceil(1024))
+    /// Logs everything the runtime and the extensions have written so far.
+    fn sync_logs(&self) {
+        for p in &self.pumps {
+            p.drain(true);
+        }
     }
+
+    /// With extensions, the previous invocation's invoke phase may still run after its
+    /// answer (they post-process): the next one waits for every extension to be back in
+    /// `event/next`. The previous invocation's deadline is enforced by its watcher.
+    async fn previous_phase_done(&mut self, request_id: &str) -> Result<(), InvokeOutcome> {
+        let mut exit = self.env.runtime_exit.clone();
+        tokio::select! {
+            biased;
+            r = self.env.core.wait_idle() => match r {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.reset = Some(ShutdownReason::Failure);
+                    let report = self.env.core.failure().unwrap_or_else(|| ErrorReport::platform(
+                        "Runtime.Unknown",
+                        format!("RequestId: {request_id} Error: the environment was reset ({e}): \
+                                 its extensions did not finish the previous invocation in time"),
+                    ));
+                    Err(InvokeOutcome::Error(report))
+                }
+            },
+            status = wait_exit(&mut exit) => {
+                self.reset = Some(ShutdownReason::Failure);
+                Err(exit_error(request_id, status))
+            }
+        }
+    }
+
+    /// After the answer, extensions may still work on the INVOKE event: past `deadline`
+    /// (the function timeout) the environment is reset with reason `timeout`; an extension
+    /// failing meanwhile resets it with `failure`.
+    fn watch_invoke_phase(&self, deadline: Instant) {
+        let env = self.env.clone();
+        tokio::spawn(async move {
+            let reason = tokio::select! {
+                r = env.core.wait_idle() => match r {
+                    Ok(()) => return,
+                    Err(_) => ShutdownReason::Failure,
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => ShutdownReason::Timeout,
+            };
+            if env.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            env.failed.store(true, Ordering::SeqCst);
+            tracing::warn!(function = %env.function_name, env = %env.id, reason = reason.as_str(),
+                "the extensions did not finish the invocation; resetting the environment");
+            env.shut_down(reason).await;
+        });
+    }
+}
+
+fn exit_error(request_id: &str, status: Option<ExitStatus>) -> InvokeOutcome {
+    InvokeOutcome::Error(ErrorReport::platform(
+        "Runtime.ExitError",
+        format!(
+            "RequestId: {request_id} Error: Runtime exited with error: {}",
+            describe_exit(status)
+        ),
+    ))
 }
 
 #[async_trait]
@@ -534,28 +1063,41 @@ impl Sandbox for ProcessSandbox {
     }
 
     async fn invoke(&mut self, req: InvokeRequest, deadline: Instant) -> InvokeOutcome {
+        let extensions = self.env.extensions > 0;
+        let previous = if extensions {
+            self.previous_phase_done(&req.request_id).await
+        } else {
+            Ok(())
+        };
         // Lines written since the last invocation (or during init) go before its START.
-        self.sync_logs().await;
+        self.sync_logs();
         self.log.start(&req.request_id);
-        self.sample_memory();
-        let outcome = self.run_invocation(req, deadline).await;
-        self.sync_logs().await;
-        self.sample_memory();
+        let outcome = match previous {
+            Ok(()) => self.run_invocation(req, deadline).await,
+            Err(o) => o,
+        };
+        self.sync_logs();
+        // VmHWM is a high-water mark: one sample per invocation misses nothing of the
+        // runtime's own peak.
+        let max_memory_mb = self.memory.sample();
         self.log.finish(InvocationEnd {
             outcome: &outcome,
             timeout: Duration::from_secs(u64::from(self.function.config.timeout)),
-            max_memory_mb: self.max_memory_mb(),
+            max_memory_mb,
         });
+        if extensions && self.reset.is_none() {
+            self.watch_invoke_phase(deadline);
+        }
         outcome
     }
 
     fn is_reusable(&self) -> bool {
-        !self.broken && !self.exited()
+        self.reset.is_none() && !self.exited() && !self.env.failed.load(Ordering::SeqCst)
     }
 
     async fn stop(self: Box<Self>) {
-        // Dropping does the work; see `Drop`.
-        drop(self);
+        let reason = self.reset.unwrap_or(ShutdownReason::Spindown);
+        self.env.shut_down(reason).await;
     }
 }
 
@@ -576,37 +1118,28 @@ impl ProcessSandbox {
             content_type: "application/json".into(),
             payload: req.payload,
         };
-        let exit_error = |status| {
-            InvokeOutcome::Error(ErrorReport::platform(
-                "Runtime.ExitError",
-                format!(
-                    "RequestId: {} Error: Runtime exited with error: {}",
-                    req.request_id,
-                    describe_exit(status)
-                ),
-            ))
-        };
         if self.exited() {
-            self.broken = true;
-            return exit_error(self.exit.borrow().flatten());
+            self.reset = Some(ShutdownReason::Failure);
+            return exit_error(&req.request_id, self.env.runtime_exit.borrow().flatten());
         }
-        let rx = match self.core.invoke(invocation) {
+        // Streamed chunks go straight to the caller; the outcome still ends the invocation.
+        let rx = match self.env.core.invoke_with_stream(invocation, req.stream) {
             Ok(rx) => rx,
             Err(e) => {
-                self.broken = true;
+                self.reset = Some(ShutdownReason::Failure);
                 return InvokeOutcome::Error(ErrorReport::platform(
                     "Runtime.Unknown",
                     format!("RequestId: {} Error: {e}", req.request_id),
                 ));
             }
         };
-        let mut exit = self.exit.clone();
-        tokio::select! {
+        let mut exit = self.env.runtime_exit.clone();
+        let outcome = tokio::select! {
             biased;
             outcome = rx => match outcome {
                 Ok(o) => o,
                 Err(_) => {
-                    self.broken = true;
+                    self.reset = Some(ShutdownReason::Failure);
                     InvokeOutcome::Error(ErrorReport::platform(
                         "Runtime.Unknown",
                         format!("RequestId: {} Error: the environment was closed", req.request_id),
@@ -614,11 +1147,11 @@ impl ProcessSandbox {
                 }
             },
             status = wait_exit(&mut exit) => {
-                self.broken = true;
-                exit_error(status)
+                self.reset = Some(ShutdownReason::Failure);
+                exit_error(&req.request_id, status)
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
-                self.broken = true;
+                self.reset = Some(ShutdownReason::Timeout);
                 tracing::warn!(function = %self.function.config.function_name, env = %self.id,
                     request_id = %req.request_id, "invocation timed out; environment will be reset");
                 InvokeOutcome::Error(ErrorReport::platform(
@@ -630,28 +1163,83 @@ impl ProcessSandbox {
                     ),
                 ))
             }
+        };
+        // An extension that crashed or reported exit/error failed the invocation (or the
+        // environment): reset like a runtime crash.
+        if self.env.extensions > 0
+            && self.reset.is_none()
+            && (self.env.failed.load(Ordering::SeqCst) || self.env.core.failure().is_some())
+        {
+            self.reset = Some(ShutdownReason::Failure);
         }
+        outcome
     }
 }
 
 impl Drop for ProcessSandbox {
     fn drop(&mut self) {
-        self.core.close();
-        if let Some(pgid) = self.pgid.take() {
-            // The group is killed even when its leader has exited: children the runtime left
-            // behind are part of the environment. Linux does not reuse a pid while a process
-            // group of that id still has members.
-            // SAFETY: kill(2) with a negative pid signals the process group we created for
-            // this runtime (`process_group(0)` made its pid the group id); it touches no
-            // memory of ours.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
+        let env = self.env.clone();
+        if env.down.initialized() {
+            return;
+        }
+        if env.extensions == 0 {
+            // Nothing to tell: kill at once (Lambda sends SIGTERM only when extensions exist).
+            env.finish();
+            return;
+        }
+        let reason = self.reset.unwrap_or(ShutdownReason::Spindown);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { env.shut_down(reason).await });
             }
+            Err(_) => env.finish(),
         }
-        if let Some(stop) = self.stop_api.take() {
-            let _ = stop.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_files_are_re_read_from_the_start() {
+        let pid = std::process::id() as i32;
+        let t = MemoryTracker::default();
+        t.set_runtime(pid);
+        let before = t.sample().expect("own memory");
+        // Touch 64 MiB: the high-water mark must rise on the next read of the same file.
+        let big = vec![1u8; 64 << 20];
+        std::hint::black_box(&big);
+        let after = t.sample().expect("own memory");
+        assert!(after >= before + 60, "{before} MB -> {after} MB");
+    }
+
+    #[test]
+    fn status_fields_parse() {
+        let st = b"Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(status_kb(st, b"VmHWM:"), Some(2048));
+        assert_eq!(status_kb(st, b"VmRSS:"), Some(1000));
+        assert_eq!(status_kb(st, b"VmSwap:"), None);
+        assert_eq!(pids(b"12 34\n").collect::<Vec<_>>(), vec![12, 34]);
+    }
+
+    #[test]
+    fn extensions_are_the_executables_in_extensions() {
+        let d = tempfile::tempdir().unwrap();
+        let ext = d.path().join("extensions");
+        std::fs::create_dir_all(ext.join("sub")).unwrap();
+        for (name, mode) in [("b", 0o755), ("a", 0o700), ("data.txt", 0o644)] {
+            std::fs::write(ext.join(name), "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(ext.join(name), std::fs::Permissions::from_mode(mode))
+                .unwrap();
         }
-        super::remove_dir_in_background(std::mem::take(&mut self.env_dir));
-        tracing::debug!(function = %self.function.config.function_name, env = %self.id, "environment stopped");
+        let found: Vec<String> = find_extensions(d.path())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(found, vec!["a", "b"]);
+        let none = tempfile::tempdir().unwrap();
+        assert!(find_extensions(none.path()).unwrap().is_empty());
     }
 }

@@ -19,6 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use image_format::wire::{ChunkClient, WireError};
@@ -43,6 +44,29 @@ pub enum ChunkedError {
     NoOverlay,
     #[error("cannot prepare the overlay {path}: {source}")]
     Overlay { path: PathBuf, source: io::Error },
+}
+
+/// First-fetch orders of the chunked disks alive in this process, by manifest path: the
+/// control socket's `fetched_chunks` action reads them (the agent saves the order after a cold
+/// start and warms those chunks first on the next one). Weak: a dropped disk leaves the list.
+type FetchLog = Arc<Mutex<Vec<u64>>>;
+type FetchLogRef = (PathBuf, Weak<Mutex<Vec<u64>>>);
+static FETCH_LOGS: Mutex<Vec<FetchLogRef>> = Mutex::new(Vec::new());
+
+/// Every live chunked disk's manifest path and the chunk indices it fetched, in first-fetch
+/// order.
+pub fn fetched_chunks_by_disk() -> Vec<(PathBuf, Vec<u64>)> {
+    let Ok(mut logs) = FETCH_LOGS.lock() else {
+        return Vec::new();
+    };
+    logs.retain(|(_, w)| w.strong_count() > 0);
+    logs.iter()
+        .filter_map(|(p, w)| {
+            let log = w.upgrade()?;
+            let v = log.lock().ok()?.clone();
+            Some((p.clone(), v))
+        })
+        .collect()
 }
 
 /// Fetched chunks by chunk index, bounded, least recently used out first.
@@ -79,8 +103,9 @@ pub struct ChunkedDisk {
     overlay: Option<File>,
     /// Bit per sector: written by the guest (the overlay holds it).
     written: Vec<u64>,
-    /// Chunks fetched from the server so far (each distinct index counted once).
-    fetched: Vec<u64>,
+    /// Chunks fetched from the server so far (each distinct index counted once), shared with
+    /// [`FETCH_LOGS`].
+    fetched: FetchLog,
     fetched_set: std::collections::HashSet<u64>,
 }
 
@@ -121,6 +146,11 @@ impl ChunkedDisk {
         let sectors = manifest.image_size / SECTOR_SIZE;
         let words = usize::try_from(sectors.div_ceil(64)).unwrap_or(usize::MAX);
         let max_chunks = (u64::from(cfg.cache_mib) << 20) / u64::from(manifest.chunk_size.max(1));
+        let fetched: FetchLog = Arc::default();
+        if let Ok(mut logs) = FETCH_LOGS.lock() {
+            logs.retain(|(_, w)| w.strong_count() > 0);
+            logs.push((manifest_path.to_path_buf(), Arc::downgrade(&fetched)));
+        }
         Ok(ChunkedDisk {
             client: ChunkClient::new(&cfg.socket, FETCH_TIMEOUT),
             cache: ChunkLru {
@@ -135,15 +165,15 @@ impl ChunkedDisk {
             },
             overlay,
             manifest,
-            fetched: Vec::new(),
+            fetched,
             fetched_set: Default::default(),
         })
     }
 
     /// Chunk indices fetched from the chunk server, in first-fetch order (what a prefetch
     /// for the next cold start would ask for).
-    pub fn fetched_chunks(&self) -> &[u64] {
-        &self.fetched
+    pub fn fetched_chunks(&self) -> Vec<u64> {
+        self.fetched.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     fn is_written(&self, sector: u64) -> bool {
@@ -184,7 +214,9 @@ impl ChunkedDisk {
                 return Err(io::Error::other("chunk of the wrong length"));
             }
             if self.fetched_set.insert(idx) {
-                self.fetched.push(idx);
+                if let Ok(mut f) = self.fetched.lock() {
+                    f.push(idx);
+                }
             }
             self.cache.insert(idx, data);
         } else {
