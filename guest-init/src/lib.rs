@@ -16,6 +16,7 @@ pub mod env;
 pub mod image;
 pub mod proto;
 pub mod runtime;
+pub mod restore;
 mod session;
 pub mod system;
 pub mod vsock;

@@ -159,6 +159,11 @@ pub struct Hello {
     pub role: Role,
     /// Free text for logs, e.g. `guest-init 0.1.0`.
     pub software: String,
+    /// Guest only: this connection replaces one lost after [`SnapshotReady`] (the VM was
+    /// snapshotted and is now a resumed or restored copy); the host answers with
+    /// [`Restored`] instead of [`Configure`]. Absent (false) from older peers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
 }
 
 impl Hello {
@@ -172,6 +177,15 @@ impl Hello {
             protocol_version: PROTOCOL_VERSION,
             role,
             software: format!("{name} {}", env!("CARGO_PKG_VERSION")),
+            resumed: false,
+        }
+    }
+
+    /// The guest's Hello on a connection made after a snapshot.
+    pub fn resumed() -> Self {
+        Hello {
+            resumed: true,
+            ..Hello::new(Role::Guest)
         }
     }
 
@@ -418,6 +432,43 @@ pub struct Fatal {
     pub message: String,
 }
 
+/// Host -> guest, between invocations after Ready: the VM is about to be snapshotted. The
+/// guest makes sure the runtime is idle (in `/next`, or `/restore/next` for snap-start),
+/// lets queued logs out and answers [`SnapshotReady`]; from then on a lost host connection
+/// means "snapshotted", and guest-init reconnects (see `guest_init::restore`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareSnapshot {
+    /// How long the guest may wait for the runtime to become idle.
+    pub idle_timeout_ms: u64,
+}
+
+/// Guest -> host: the answer to [`PrepareSnapshot`]. `refused` says why the VM must not be
+/// snapshotted (the runtime is busy, has exited, init failed); nothing changed then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReady {
+    #[serde(default)]
+    pub refused: Option<String>,
+}
+
+/// Host -> guest, first after the Hellos on a resumed connection: this copy of the VM gets
+/// its own clock, identity and entropy before it serves. The payload is the entropy: raw
+/// random bytes from the host, mixed into the guest kernel's RNG (PID 1 mode only). The
+/// guest answers Ready (`init_duration_us` = its restore time) or InitError (the runtime's
+/// after-restore hook failed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    /// The host's wall clock, ms since the Unix epoch: the guest clock is set to it.
+    pub host_time_ms: u64,
+    /// The new host name (identity) of this copy.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// This environment's log stream (informational: the runtime keeps its environment).
+    #[serde(default)]
+    pub log_stream: Option<String>,
+    #[serde(skip)]
+    pub entropy: Bytes,
+}
+
 /// Message kinds: the byte after the frame length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -436,10 +487,13 @@ pub enum Kind {
     Log = 0x26,
     Pong = 0x27,
     Fatal = 0x28,
+    PrepareSnapshot = 0x14,
+    Restored = 0x15,
+    SnapshotReady = 0x29,
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 17] = [
         Kind::Hello,
         Kind::Configure,
         Kind::Invoke,
@@ -454,6 +508,9 @@ impl Kind {
         Kind::Log,
         Kind::Pong,
         Kind::Fatal,
+        Kind::PrepareSnapshot,
+        Kind::Restored,
+        Kind::SnapshotReady,
     ];
 
     pub fn from_u8(b: u8) -> Option<Kind> {
@@ -476,6 +533,9 @@ impl Kind {
             Kind::Log => "Log",
             Kind::Pong => "Pong",
             Kind::Fatal => "Fatal",
+            Kind::PrepareSnapshot => "PrepareSnapshot",
+            Kind::Restored => "Restored",
+            Kind::SnapshotReady => "SnapshotReady",
         }
     }
 }
@@ -500,6 +560,10 @@ pub enum Message {
     Log(Log),
     Pong(Pong),
     Fatal(Fatal),
+    // snapshots (see `PrepareSnapshot`)
+    PrepareSnapshot(PrepareSnapshot),
+    Restored(Box<Restored>),
+    SnapshotReady(SnapshotReady),
 }
 
 impl Message {
@@ -519,6 +583,9 @@ impl Message {
             Message::Log(_) => Kind::Log,
             Message::Pong(_) => Kind::Pong,
             Message::Fatal(_) => Kind::Fatal,
+            Message::PrepareSnapshot(_) => Kind::PrepareSnapshot,
+            Message::Restored(_) => Kind::Restored,
+            Message::SnapshotReady(_) => Kind::SnapshotReady,
         }
     }
 
@@ -547,6 +614,9 @@ impl Message {
             Message::Log(m) => (json(k, m)?, &m.line[..]),
             Message::Pong(m) => (json(k, m)?, none),
             Message::Fatal(m) => (json(k, m)?, none),
+            Message::PrepareSnapshot(m) => (json(k, m)?, none),
+            Message::Restored(m) => (json(k, m)?, &m.entropy[..]),
+            Message::SnapshotReady(m) => (json(k, m)?, none),
         })
     }
 
@@ -771,6 +841,19 @@ fn decode(kind: Kind, header: &[u8], payload: Bytes) -> Result<Message, ProtoErr
             bare(&payload)?;
             Message::Fatal(hdr(kind, header)?)
         }
+        Kind::PrepareSnapshot => {
+            bare(&payload)?;
+            Message::PrepareSnapshot(hdr(kind, header)?)
+        }
+        Kind::Restored => {
+            let mut m: Restored = hdr(kind, header)?;
+            m.entropy = payload;
+            Message::Restored(Box::new(m))
+        }
+        Kind::SnapshotReady => {
+            bare(&payload)?;
+            Message::SnapshotReady(hdr(kind, header)?)
+        }
     })
 }
 
@@ -930,6 +1013,20 @@ mod tests {
             Message::Fatal(Fatal {
                 message: "could not mount /proc: ENOENT".into(),
             }),
+            Message::Hello(Hello::resumed()),
+            Message::PrepareSnapshot(PrepareSnapshot {
+                idle_timeout_ms: 5000,
+            }),
+            Message::SnapshotReady(SnapshotReady { refused: None }),
+            Message::SnapshotReady(SnapshotReady {
+                refused: Some("busy".into()),
+            }),
+            Message::Restored(Box::new(Restored {
+                host_time_ms: 1_700_000_000_000,
+                hostname: Some("kindling-x".into()),
+                log_stream: Some("2024/01/01/[$LATEST]x".into()),
+                entropy: binary(),
+            })),
         ]
     }
 
@@ -1113,6 +1210,7 @@ mod tests {
             protocol_version: 0,
             role: Role::Host,
             software: "kindling 0.0.1".into(),
+            resumed: false,
         };
         let e = old.check(Role::Host).unwrap_err();
         assert!(matches!(

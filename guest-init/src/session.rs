@@ -65,6 +65,15 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// The host connection broke or closed (as it does when the VM is snapshotted).
+    pub fn connection_lost(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Host(ProtoError::Io(_) | ProtoError::Closed | ProtoError::Truncated)
+                | SessionError::HostWrite(_)
+        )
+    }
+
     /// Whether the host can still be told ([`Message::Fatal`]): not when the connection
     /// itself is what failed.
     pub fn reportable(&self) -> bool {
@@ -123,59 +132,101 @@ impl GuestInit {
     where
         S: AsyncRead + AsyncWrite,
     {
-        let (mut rd, mut wr) = tokio::io::split(stream);
+        self.run_session_with(stream, crate::restore::no_reconnect::<S>)
+            .await
+    }
+
+    /// [`run_session`](Self::run_session) for a VM that may be snapshotted: once the host's
+    /// PrepareSnapshot has been answered, a lost connection means "snapshotted", and
+    /// `reconnect` is called (with backoff, see [`crate::restore`]) for a new connection, on
+    /// which the same environment carries on after the host's Restored.
+    pub async fn run_session_with<S, F, Fut>(
+        &self,
+        stream: S,
+        mut reconnect: F,
+    ) -> Result<SessionEnd, SessionError>
+    where
+        S: AsyncRead + AsyncWrite,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = io::Result<S>>,
+    {
         let (tx, mut rx) = mpsc::channel::<Message>(OUT_QUEUE);
         let reaper = Reaper::new(self.mode);
         let _reaping = AbortOnDrop(tokio::spawn(reaper.clone().run()));
-        let writer = async move {
-            // Whatever is queued goes out in one write: on an emulating host every guest
-            // syscall counts.
-            let mut buf = Vec::new();
-            while let Some(m) = rx.recv().await {
-                buf.clear();
-                buf.extend_from_slice(&proto::encode(&m)?);
-                while buf.len() < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(m) => buf.extend_from_slice(&proto::encode(&m)?),
-                        Err(_) => break,
+        // The environment outlives a connection lost to a snapshot.
+        let mut kept: Option<Env> = None;
+        let mut stream = stream;
+        loop {
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let rx = &mut rx;
+            // On a connection made after a snapshot the Hello goes first, before whatever
+            // was queued while there was no connection.
+            let hello = kept.as_ref().map(|_| Message::Hello(Hello::resumed()));
+            let writer = async move {
+                if let Some(h) = hello {
+                    wr.write_all(&proto::encode(&h)?).await?;
+                }
+                // Whatever is queued goes out in one write: on an emulating host every guest
+                // syscall counts.
+                let mut buf = Vec::new();
+                while let Some(m) = rx.recv().await {
+                    buf.clear();
+                    buf.extend_from_slice(&proto::encode(&m)?);
+                    while buf.len() < WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => buf.extend_from_slice(&proto::encode(&m)?),
+                            Err(_) => break,
+                        }
+                    }
+                    wr.write_all(&buf).await?;
+                    wr.flush().await?;
+                }
+                Ok::<(), ProtoError>(())
+            };
+            tokio::pin!(writer);
+            let mut writer_failed = false;
+            let result = {
+                let session = self.session(&mut rd, Out(tx.clone()), &reaper, &mut kept);
+                tokio::pin!(session);
+                tokio::select! {
+                    r = &mut session => r,
+                    w = &mut writer => {
+                        let e = w.err().unwrap_or(ProtoError::Closed);
+                        writer_failed = true;
+                        Err(SessionError::HostWrite(e))
                     }
                 }
-                wr.write_all(&buf).await?;
-                wr.flush().await?;
-            }
-            Ok::<(), ProtoError>(())
-        };
-        tokio::pin!(writer);
-        let mut writer_failed = false;
-        let result = {
-            let session = self.session(&mut rd, Out(tx.clone()), &reaper);
-            tokio::pin!(session);
-            tokio::select! {
-                r = &mut session => r,
-                w = &mut writer => {
-                    let e = w.err().unwrap_or(ProtoError::Closed);
-                    writer_failed = true;
-                    Err(SessionError::HostWrite(e))
+            };
+            if let Err(e) = &result {
+                if kept.as_ref().is_some_and(|env| env.prepared) && e.connection_lost() {
+                    match crate::restore::reconnect(&mut reconnect).await {
+                        Ok(s) => {
+                            stream = s;
+                            continue;
+                        }
+                        Err(e) => crate::system::say(format!("cannot reach the host again: {e}")),
+                    }
                 }
             }
-        };
-        // The session's state is gone here: its runtime has been sent SIGKILL.
-        if let Err(e) = &result {
-            if e.reportable() {
-                let fatal = Message::Fatal(Fatal {
-                    message: e.to_string(),
-                });
-                // Bounded: a host that stopped reading must not keep the VM up.
-                let _ = tokio::time::timeout(FLUSH_TIMEOUT, tx.send(fatal)).await;
+            // The runtime is sent SIGKILL here.
+            drop(kept.take());
+            if let Err(e) = &result {
+                if e.reportable() {
+                    let fatal = Message::Fatal(Fatal {
+                        message: e.to_string(),
+                    });
+                    // Bounded: a host that stopped reading must not keep the VM up.
+                    let _ = tokio::time::timeout(FLUSH_TIMEOUT, tx.send(fatal)).await;
+                }
             }
+            drop(tx);
+            if !writer_failed {
+                // Log pumps hold senders until the killed runtime's pipes close.
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, &mut writer).await;
+            }
+            reaper.settle(KILL_WAIT).await;
+            return result;
         }
-        drop(tx);
-        if !writer_failed {
-            // Log pumps hold senders until the killed runtime's pipes close.
-            let _ = tokio::time::timeout(FLUSH_TIMEOUT, &mut writer).await;
-        }
-        reaper.settle(KILL_WAIT).await;
-        result
     }
 
     async fn session<R: AsyncRead + Unpin>(
@@ -183,7 +234,11 @@ impl GuestInit {
         rd: &mut R,
         out: Out,
         reaper: &Arc<Reaper>,
+        kept: &mut Option<Env>,
     ) -> Result<SessionEnd, SessionError> {
+        if let Some(env) = kept.as_mut() {
+            return env.resume(self.mode, rd, &out).await;
+        }
         out.send(Message::Hello(Hello::new(Role::Guest))).await?;
         let mut dec = Decoder::new();
         expect_hello(read_message_async(rd, &mut dec).await?, Role::Host)?;
@@ -200,7 +255,7 @@ impl GuestInit {
                 }
             }
         };
-        let mut env = self.start(&cfg, &out, reaper).await?;
+        let env = kept.insert(self.start(&cfg, &out, reaper).await?);
         env.run(rd, &mut dec, &out).await
     }
 
@@ -230,7 +285,7 @@ impl GuestInit {
         };
         let listener = TcpListener::bind(self.api_addr).await.map_err(bind_err)?;
         let api_addr = listener.local_addr().map_err(bind_err)?;
-        let core = RuntimeCore::new();
+        let core = RuntimeCore::with_config(crate::restore::core_config(cfg));
         let lifecycle = core.lifecycle();
         let (stop_api, api_stopped) = oneshot::channel::<()>();
         tokio::spawn(rapid_api::http::serve(listener, core.clone(), async {
@@ -248,6 +303,7 @@ impl GuestInit {
             init_timeout: Duration::from_millis(cfg.init_timeout_ms),
             init_reported: false,
             current: None,
+            prepared: false,
         };
         let mut launch = match runtime::runtime_command(cfg) {
             Ok(launch) => launch,
@@ -336,6 +392,8 @@ struct Env {
     init_reported: bool,
     /// The invocation the runtime holds or will get.
     current: Current,
+    /// SnapshotReady has been sent: a lost host connection now means "snapshotted".
+    prepared: bool,
 }
 
 enum Event {
@@ -455,6 +513,7 @@ impl Env {
                 Event::Host(m) => match m? {
                     Message::Invoke(inv) => self.invoke(*inv, out).await?,
                     Message::Ping(p) => out.send(Message::Pong(Pong { seq: p.seq })).await?,
+                    Message::PrepareSnapshot(p) => self.prepare_snapshot(p, out).await?,
                     Message::Shutdown(s) => {
                         self.shutdown(Duration::from_millis(s.grace_ms)).await;
                         return Ok(SessionEnd { reason: s.reason });
@@ -570,6 +629,60 @@ impl Env {
                 self.exited = Some(info);
             }
         }
+    }
+}
+
+/// Snapshots (the logic is in [`crate::restore`]).
+impl Env {
+    async fn prepare_snapshot(
+        &mut self,
+        p: proto::PrepareSnapshot,
+        out: &Out,
+    ) -> Result<(), SessionError> {
+        let state = crate::restore::EnvState {
+            core: &self.core,
+            init_reported: self.init_reported,
+            busy: self.current.is_some(),
+            exited: self.exited.is_some(),
+            start_failed: self.start_failure.is_some(),
+        };
+        let ready = crate::restore::prepare(state, Duration::from_millis(p.idle_timeout_ms)).await;
+        self.prepared = ready.refused.is_none();
+        out.send(Message::SnapshotReady(ready)).await
+    }
+
+    /// A connection made after a snapshot: Hello (resumed) both ways, the host's Restored,
+    /// Ready (or InitError), then invocations as before.
+    async fn resume<R: AsyncRead + Unpin>(
+        &mut self,
+        mode: Mode,
+        rd: &mut R,
+        out: &Out,
+    ) -> Result<SessionEnd, SessionError> {
+        // Our Hello (resumed) is already on its way: the writer sends it first.
+        let mut dec = Decoder::new();
+        expect_hello(read_message_async(rd, &mut dec).await?, Role::Host)?;
+        let restored = loop {
+            match read_message_async(rd, &mut dec).await? {
+                Message::Restored(r) => break r,
+                Message::Ping(p) => out.send(Message::Pong(Pong { seq: p.seq })).await?,
+                Message::Shutdown(s) => {
+                    self.shutdown(Duration::from_millis(s.grace_ms)).await;
+                    return Ok(SessionEnd { reason: s.reason });
+                }
+                other => {
+                    return Err(SessionError::Unexpected {
+                        got: other.kind().name(),
+                        state: "before Restored",
+                    })
+                }
+            }
+        };
+        // Each copy is snapshotted anew only when the host asks again.
+        self.prepared = false;
+        let answer = crate::restore::apply(mode, &restored, &self.core).await;
+        out.send(answer).await?;
+        self.run(rd, &mut dec, out).await
     }
 }
 

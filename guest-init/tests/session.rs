@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use guest_init::proto::{
     self, read_message_async, write_message_async, Configure, Decoder, Hello, Invoke, Log, Message,
-    Ping, ProtoError, Role, RunAs, RuntimeKind, Shutdown, Stream,
+    Ping, PrepareSnapshot, ProtoError, Restored, Role, RunAs, RuntimeKind, Shutdown, Stream,
 };
 use guest_init::{GuestInit, Mode, SessionEnd, SessionError};
 use tokio::io::AsyncWriteExt;
@@ -442,6 +442,7 @@ async fn version_mismatch_is_reported_as_fatal() {
         protocol_version: 99,
         role: Role::Host,
         software: "kindling 9.0".into(),
+        resumed: false,
     }))
     .await;
     match host.recv().await {
@@ -659,4 +660,122 @@ async fn image_functions_start_from_the_image_config() {
         other => panic!("expected InitError, got {other:?}"),
     }
     shutdown(host, session).await;
+}
+
+/// Snapshots: PrepareSnapshot, the connection dropped (as a snapshot's restore resets the
+/// vsock transport), guest-init reconnects with a resumed Hello, the host's Restored runs the
+/// snap-start runtime's after-restore hook, Ready, and invocations carry on in the same
+/// runtime. Done twice, as each restored copy of a VM does.
+#[tokio::test]
+async fn snapshot_prepare_reconnect_restore_then_invoke() {
+    let f = Fixture::shell(
+        r#"curl -sf "$API/restore/next" >/dev/null || exit 4; echo "after-restore hook ran $$""#,
+        ECHO,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("host.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let init = GuestInit::new(Mode::Process).with_api_addr(any_port);
+    let p = path.clone();
+    let session = tokio::spawn(async move {
+        let first = UnixStream::connect(&p).await.unwrap();
+        init.run_session_with(first, || UnixStream::connect(p.clone()))
+            .await
+    });
+    let mut host = accept_host(&listener).await;
+    host.handshake().await;
+    let mut cfg = f.configure();
+    cfg.environment.insert(
+        "AWS_LAMBDA_INITIALIZATION_TYPE".into(),
+        "snap-start".into(),
+    );
+    host.send(Message::Configure(Box::new(cfg))).await;
+    assert!(matches!(host.recv().await, Message::Ready(_)));
+
+    let mut hooks = Vec::new();
+    for round in 0..2 {
+        host.send(Message::PrepareSnapshot(PrepareSnapshot {
+            idle_timeout_ms: 5000,
+        }))
+        .await;
+        match host.recv().await {
+            Message::SnapshotReady(r) => assert_eq!(r.refused, None, "round {round}"),
+            other => panic!("expected SnapshotReady, got {other:?}"),
+        }
+        // "Snapshotted": the connection goes away; guest-init must come back.
+        drop(host);
+        host = accept_host(&listener).await;
+        match host.recv().await {
+            Message::Hello(h) => {
+                h.check(Role::Guest).unwrap();
+                assert!(h.resumed, "a reconnection says it is resumed");
+            }
+            other => panic!("expected a resumed Hello, got {other:?}"),
+        }
+        host.send(Message::Hello(Hello::new(Role::Host))).await;
+        host.send(Message::Restored(Box::new(Restored {
+            host_time_ms: 1_700_000_000_000,
+            hostname: Some(format!("copy-{round}")),
+            log_stream: None,
+            entropy: Bytes::from(vec![round as u8; 64]),
+        })))
+        .await;
+        match host.recv().await {
+            Message::Ready(_) => {}
+            other => panic!("expected Ready after Restored, got {other:?}"),
+        }
+        let id = format!("after-restore-{round}");
+        host.send(invoke(&id, format!("{{\"round\":{round}}}"))).await;
+        match host.recv().await {
+            Message::Response(r) => {
+                assert_eq!(r.request_id, id);
+                assert_eq!(&r.payload[..], format!("{{\"round\":{round}}}").as_bytes());
+            }
+            other => panic!("expected a Response, got {other:?}"),
+        }
+        hooks.extend(host.logs(Stream::Stdout));
+    }
+    // The after-restore hook ran once (at the first restore), in the runtime started at
+    // init: restore/next answers once; later copies find the runtime in /next.
+    let host = shutdown(host, session).await;
+    hooks.extend(host.logs(Stream::Stdout));
+    let ran: Vec<_> = hooks
+        .iter()
+        .filter(|l| l.starts_with("after-restore hook ran"))
+        .collect();
+    assert_eq!(ran.len(), 1, "{hooks:?}");
+}
+
+/// A PrepareSnapshot is refused while the runtime cannot be snapshotted (here: it exited),
+/// and without one a lost connection still ends the session.
+#[tokio::test]
+async fn prepare_snapshot_is_refused_when_the_runtime_is_gone() {
+    let f = Fixture::shell("", "exit 7");
+    let (mut host, session) = start_ready(&f).await;
+    host.send(invoke("r", "{}")).await;
+    assert!(matches!(host.recv().await, Message::RuntimeExit(_)));
+    host.send(Message::PrepareSnapshot(PrepareSnapshot {
+        idle_timeout_ms: 1000,
+    }))
+    .await;
+    match host.recv().await {
+        Message::SnapshotReady(r) => assert!(r.refused.is_some()),
+        other => panic!("expected SnapshotReady, got {other:?}"),
+    }
+    drop(host);
+    let result = tokio::time::timeout(WAIT, session).await.unwrap().unwrap();
+    assert!(matches!(result, Err(e) if e.connection_lost()));
+}
+
+async fn accept_host(listener: &tokio::net::UnixListener) -> Host {
+    let (stream, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    Host {
+        stream,
+        dec: Decoder::new(),
+        seen: Vec::new(),
+    }
 }

@@ -877,3 +877,59 @@ def test_provisioned_concurrency_on_latest(client, fname, shell_code):
         assert client.list_provisioned_concurrency_configs(FunctionName=fname)["ProvisionedConcurrencyConfigs"] == []
     finally:
         client.delete_function(FunctionName=fname)
+
+
+# --- response streaming (InvokeWithResponseStream) ------------------------------------------
+
+
+def _stream_events(client, name, event, **extra):
+    """Invokes with a streamed response; returns (response, chunk bytes, InvokeComplete).
+    botocore parses the event stream itself (prelude and message CRCs included)."""
+    res = client.invoke_with_response_stream(FunctionName=name, Payload=json.dumps(event), **extra)
+    chunks, complete = [], None
+    for ev in res["EventStream"]:
+        assert complete is None, "nothing may follow InvokeComplete"
+        if "PayloadChunk" in ev:
+            chunks.append(ev["PayloadChunk"]["Payload"])
+        elif "InvokeComplete" in ev:
+            complete = ev["InvokeComplete"]
+    assert complete is not None, "the stream must end with InvokeComplete"
+    return res, b"".join(chunks), complete
+
+
+def test_invoke_with_response_stream(client, fname):
+    from kindling_agent import kindling_bin
+
+    binary = kindling_bin().parent / "echo-rust-streaming"
+    code = make_zip({"bootstrap": binary.read_bytes()}, executable=("bootstrap",))
+    create(client, fname, "provided.al2023", code, "bootstrap")
+    try:
+        res, body, complete = _stream_events(client, fname, {"chunks": 3}, LogType="Tail")
+        assert res["StatusCode"] == 200
+        assert res["ExecutedVersion"] == "$LATEST"
+        assert res["ResponseStreamContentType"] == "application/vnd.amazon.eventstream"
+        # lambda_runtime's HTTP-integration prelude, then the function's chunks.
+        assert body.endswith(b"\0" * 8 + b"chunk 0\nchunk 1\nchunk 2\n")
+        assert "ErrorCode" not in complete
+        assert b"REPORT RequestId" in base64.b64decode(complete["LogResult"])
+        # A crash mid-stream: the chunks sent so far, then the error in InvokeComplete.
+        _, body, complete = _stream_events(client, fname, {"chunks": 3, "exit_after": 3})
+        assert complete["ErrorCode"] == "Runtime.ExitError"
+        assert "exit status 7" in complete["ErrorDetails"]
+    finally:
+        client.delete_function(FunctionName=fname)
+
+
+def test_invoke_with_response_stream_of_a_buffered_function(client, fname, rust_code):
+    create(client, fname, "provided.al2", rust_code, "bootstrap")
+    try:
+        _, body, complete = _stream_events(client, fname, {"k": "v"})
+        assert json.loads(body)["echo"] == {"k": "v"}
+        assert complete == {}
+    finally:
+        client.delete_function(FunctionName=fname)
+
+
+def test_invoke_with_response_stream_unknown_function(client):
+    with pytest.raises(client.exceptions.ResourceNotFoundException):
+        client.invoke_with_response_stream(FunctionName="no-such-function", Payload=b"{}")

@@ -34,6 +34,17 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     p
 }
 
+/// Whether this host's /dev/kvm can run VMs; when not, says loudly that `what` is skipped.
+pub fn have_kvm(what: &str) -> bool {
+    match vmm::host::kvm_usable() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {what}: /dev/kvm is not usable here ({e})");
+            false
+        }
+    }
+}
+
 /// The Python interpreter with awslambdaric: `$KINDLING_PYTHON`, else the repo's `.venv`.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("KINDLING_PYTHON") {

@@ -12,18 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kindling_tests::servers::{Memcached, Moto};
-use kindling_tests::{workspace_bin, zip, Agent, AgentOptions};
+use kindling_tests::{have_kvm, workspace_bin, zip, Agent, AgentOptions};
 use serde_json::{json, Value};
-
-fn have_kvm() -> bool {
-    match vmm::host::kvm_usable() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED chunked-image VM test: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
-}
 
 /// `stats.json` once the cold start's fetched chunks are recorded (written just after the
 /// first invocation answers).
@@ -72,7 +62,7 @@ fn files_with_ext(dir: &Path, ext: &str) -> Vec<String> {
 
 #[test]
 fn function_boots_lazily_from_s3_and_a_second_host_reads_l2() {
-    if !have_kvm() {
+    if !have_kvm("chunked-image VM test") {
         return;
     }
     let guest_init =

@@ -2,7 +2,7 @@
 //! registered through CreateFunction, checked at create time, and (where /dev/kvm works)
 //! boots in a microVM with the image's ENTRYPOINT, ENV and WORKDIR, whiteouts applied.
 
-use kindling_tests::{oci_layout, zip, Agent, AgentOptions, LayerEntry};
+use kindling_tests::{have_kvm, oci_layout, zip, Agent, AgentOptions, LayerEntry};
 use serde_json::{json, Value};
 
 fn image_body(name: &str, uri: &std::path::Path, extra: Value) -> Value {
@@ -102,22 +102,12 @@ fn image_functions_are_checked_at_create() {
     assert!(r.text().contains("--backend microvm"), "{}", r.text());
 }
 
-fn have_kvm() -> bool {
-    match vmm::host::kvm_usable() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED microVM image test: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
-}
-
 /// An image made by the test boots and answers from a microVM: ENTRYPOINT and CMD make the
 /// command line, ENV and WORKDIR are honoured, a later layer's whiteout removes a file, and
 /// a function without a bootstrap, or an image without a command, is a clear init error.
 #[test]
 fn oci_image_function_in_a_microvm() {
-    if !have_kvm() {
+    if !have_kvm("microVM image test") {
         return;
     }
     let guest_init =

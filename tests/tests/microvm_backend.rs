@@ -8,22 +8,12 @@
 //! environment where Lambda would.
 
 use base64::Engine as _;
-use kindling_tests::{zip, Agent, AgentOptions};
+use kindling_tests::{have_kvm, zip, Agent, AgentOptions};
 use serde_json::json;
-
-fn have_kvm() -> bool {
-    match vmm::host::kvm_usable() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED microvm backend test: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
-}
 
 #[test]
 fn lambda_runtime_function_in_a_microvm() {
-    if !have_kvm() {
+    if !have_kvm("microvm backend test") {
         return;
     }
     let guest_init =
@@ -145,7 +135,7 @@ fn lambda_runtime_function_in_a_microvm() {
 /// agent's default init limit (which the agent raises on an emulating host).
 #[test]
 fn hello_python_in_a_microvm() {
-    if !have_kvm() {
+    if !have_kvm("microvm backend test") {
         return;
     }
     let guest_init =

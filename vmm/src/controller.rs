@@ -3,7 +3,7 @@
 //!
 //! Control socket protocol: newline-delimited JSON over a Unix stream socket. Each request is
 //! one line `{"action": "start" | "shutdown" | "metrics" | "status" | "pause" | "resume" |
-//! "snapshot" | "fetched_chunks"}`; each answer one line, `{"ok": true, ...}` or
+//! "snapshot" | "fetched_chunks" | "working_set"}`; each answer one line, `{"ok": true, ...}` or
 //! `{"ok": false, "error": "..."}`.
 //! Lines are capped at 64 KiB and at most 16 connections are served at once.
 //!
@@ -107,6 +107,10 @@ pub struct Controller {
     snapshot: Option<SnapshotSources>,
     /// Set by a restore: where from and how long its steps took (for metrics).
     pub restore_info: Option<Value>,
+    /// Set by a restore with `--prefetch`: what was loaded (for metrics).
+    pub prefetch_info: Option<Value>,
+    /// The process's (minor, major) page faults when the vCPUs started.
+    faults_at_start: Option<(u64, u64)>,
     pub outcome: Option<Outcome>,
 }
 
@@ -129,6 +133,8 @@ impl Controller {
             metrics,
             snapshot: None,
             restore_info: None,
+            prefetch_info: None,
+            faults_at_start: None,
             outcome: None,
         }
     }
@@ -310,6 +316,7 @@ impl Controller {
     pub fn start(&mut self) -> bool {
         match self.pending.take() {
             Some(f) => {
+                self.faults_at_start = Some(snapshot::prefetch::page_faults(false));
                 self.vcpus = f();
                 self.started = Some(self.metrics.start.elapsed());
                 tracing::info!(
@@ -472,6 +479,22 @@ impl Controller {
                 Err(e) => json!({"ok": false, "error": e}),
             },
             Some("snapshot") => self.handle_snapshot(&req),
+            // The guest pages touched since the restore, for `--prefetch` (snapshot/prefetch.rs).
+            Some("working_set") => {
+                let Some(path) = req.get("path").and_then(Value::as_str) else {
+                    return json!({"ok": false, "error": "working_set needs \"path\""});
+                };
+                match snapshot::prefetch::record(&self.metrics.mem)
+                    .and_then(|ws| ws.write(std::path::Path::new(path)).map(|()| ws))
+                {
+                    Ok(ws) => json!({
+                        "ok": true,
+                        "read_pages": ws.read_pages(),
+                        "written_pages": ws.written_pages(),
+                    }),
+                    Err(e) => json!({"ok": false, "error": e.to_string()}),
+                }
+            }
             // Each chunked disk's chunks in first-fetch order (the agent's prefetch list).
             Some("fetched_chunks") => {
                 let disks: Vec<Value> =
@@ -508,11 +531,21 @@ impl Controller {
         let guest_size: u64 = m.mem.iter().map(|r| r.len()).sum();
         let rss = process_rss_bytes();
         let guest_resident = guest_resident_bytes(&m.mem);
+        let (minor, major) = snapshot::prefetch::page_faults(false);
+        let since_start = self
+            .faults_at_start
+            .map(|(m0, j0)| json!({"minor": minor.saturating_sub(m0), "major": major.saturating_sub(j0)}));
         json!({
             "uptime_us": m.start.elapsed().as_micros() as u64,
             "vcpus_started_us": self.started.map(|d| d.as_micros() as u64),
             "paused": self.paused,
             "restore": self.restore_info,
+            "prefetch": self.prefetch_info,
+            "page_faults": {
+                "minor": minor,
+                "major": major,
+                "since_vcpus_started": since_start,
+            },
             "boot": boot,
             "vcpus": exits,
             "memory": {
@@ -547,8 +580,13 @@ fn page_size() -> u64 {
     }
 }
 
-/// Bytes of guest memory resident in this process (mincore over each region).
+/// Bytes of guest memory mapped in this process: pagemap's present bits, else mincore over
+/// each region (mincore counts a restored VM's page-cache pages it never touched; see
+/// `snapshot::prefetch`).
 pub fn guest_resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    if let Some(b) = snapshot::prefetch::resident_bytes(mem) {
+        return b;
+    }
     let page = page_size();
     let mut total = 0;
     for region in mem.iter() {

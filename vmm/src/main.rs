@@ -18,7 +18,7 @@ const USAGE: &str = "usage:
                   from --mem FILE; a diff snapshot's memory must be merged onto its base first
 Options:
   --api-sock PATH serve the control socket there (JSON lines: start, shutdown, metrics, status,
-                  pause, resume, snapshot)
+                  pause, resume, snapshot, working_set, fetched_chunks)
   --no-start      build the VM but wait for {\"action\":\"start\"} on the control socket
   --metrics-file PATH  write the final metrics (JSON) there when the VM ends
 Restore overrides (to place a clone elsewhere):
@@ -26,6 +26,9 @@ Restore overrides (to place a clone elsewhere):
   --serial none|stdout|PATH   where the serial console goes
   --block-path PATH      the block devices' files, in configuration order (repeat for each)
   --track-dirty-pages    track dirty pages from the restore on (for diff snapshots)
+  --prefetch FILE        load the working set in FILE (written by the control action
+                         {\"action\":\"working_set\",\"path\":FILE} of an earlier restore)
+                         into guest memory before the vCPUs start
 Merge: copies the diff snapshot's pages onto the base memory file in place.
 
 Logs go to stderr (KINDLING_LOG sets the level). Exit status: 0 when the guest powered off or
@@ -44,6 +47,7 @@ struct Args {
     serial: Option<SerialConfig>,
     block_paths: Vec<PathBuf>,
     track_dirty: bool,
+    prefetch: Option<PathBuf>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -70,6 +74,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             }
             "--block-path" => a.block_paths.push(value(&mut args, "--block-path")?.into()),
             "--track-dirty-pages" => a.track_dirty = true,
+            "--prefetch" => a.prefetch = Some(value(&mut args, "--prefetch")?.into()),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -83,7 +88,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 || a.vsock_uds.is_some()
                 || a.serial.is_some()
                 || !a.block_paths.is_empty()
-                || a.track_dirty =>
+                || a.track_dirty
+                || a.prefetch.is_some() =>
         {
             return Err("--mem and the restore overrides go with --restore".into())
         }
@@ -258,6 +264,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(ws) = &args.prefetch {
+        match vmm::snapshot::prefetch::prefetch(&vmm.mem, ws) {
+            Ok(r) => {
+                vmm::devices::lock(&vmm.controller).prefetch_info = serde_json::to_value(&r).ok();
+            }
+            Err(e) => {
+                eprintln!("kindling-vmm: --prefetch: {e}");
+                if let Some(p) = &args.api_sock {
+                    let _ = std::fs::remove_file(p);
+                }
+                return ExitCode::from(2);
+            }
+        }
+    }
     if !args.no_start {
         vmm.start();
     }

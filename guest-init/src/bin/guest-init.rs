@@ -74,10 +74,20 @@ fn pid1() -> ! {
             system::power_off();
         }
     };
+    let unix = std::env::var_os(UNIX_ENV);
+    // After a snapshot the host connection is made again (one try per call; the session
+    // retries with backoff).
+    let reconnect = || {
+        let connected = match &unix {
+            Some(path) => std::os::unix::net::UnixStream::connect(path).map(OwnedFd::from),
+            None => vsock::connect(HOST_CID, params.port, std::time::Duration::ZERO),
+        };
+        std::future::ready(connected.and_then(FdStream::new))
+    };
     let result = runtime.block_on(async {
         let stream = FdStream::new(fd).map_err(|e| e.to_string())?;
         GuestInit::new(Mode::Pid1)
-            .run_session(stream)
+            .run_session_with(stream, reconnect)
             .await
             .map_err(|e| e.to_string())
     });
@@ -118,7 +128,11 @@ fn process_mode(args: Vec<String>) -> Result<(), String> {
         if let Some(addr) = api {
             init = init.with_api_addr(addr);
         }
-        let end = init.run_session(stream).await.map_err(|e| e.to_string())?;
+        let reconnect = || tokio::net::UnixStream::connect(&path);
+        let end = init
+            .run_session_with(stream, reconnect)
+            .await
+            .map_err(|e| e.to_string())?;
         eprintln!("guest-init: shut down ({})", end.reason);
         Ok(())
     })

@@ -122,7 +122,8 @@ async fn handle(
         Some(r) => r,
         None => task.await,
     };
-    let result = result.map_err(|e| LambdaError::service(format!("invocation task failed: {e}")))?;
+    let result =
+        result.map_err(|e| LambdaError::service(format!("invocation task failed: {e}")))?;
     state.metrics.record_result(&end.function, &result);
     let outcome = pool_outcome(result)?;
     let mut frames = BytesMut::new();
@@ -136,7 +137,10 @@ async fn handle(
         InvokeOutcome::Error(report) => failure(&report),
     };
     frames.extend_from_slice(&eventstream::invoke_complete(&end.complete(completion)));
-    Ok(event_stream(futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+    Ok(event_stream(futures_util::stream::iter([Ok::<
+        _,
+        std::convert::Infallible,
+    >(
         frames.freeze(),
     )])))
 }
@@ -186,7 +190,11 @@ fn pool_outcome(result: Result<InvokeOutcome, PoolError>) -> Result<InvokeOutcom
 fn failure(report: &rapid_api::ErrorReport) -> Completion {
     let details = serde_json::from_slice::<Value>(&report.body)
         .ok()
-        .and_then(|v| v.get("errorMessage").and_then(Value::as_str).map(String::from))
+        .and_then(|v| {
+            v.get("errorMessage")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
         .unwrap_or_else(|| String::from_utf8_lossy(&report.body).into_owned());
     Completion {
         error_code: Some(report.error_type.clone()),

@@ -584,7 +584,14 @@ impl Pump {
     fn new(fd: OwnedFd, ctx: &PumpCtx, source: Source) -> std::io::Result<Pump> {
         set_nonblocking(&fd)?;
         Ok(Pump {
-            pipe: AsyncFd::new(std::fs::File::from(fd))?,
+            // SAFETY: the `File` owns the descriptor and the `AsyncFd` owns the `File` for its
+            // whole life: the descriptor stays open and the same until the `AsyncFd` drops.
+            pipe: unsafe {
+                AsyncFd::register_with_interest(
+                    std::fs::File::from(fd),
+                    tokio::io::Interest::READABLE,
+                )
+            }?,
             state: Mutex::new(PumpState {
                 lines: LineBuffer::default(),
                 buf: vec![0u8; 16 * 1024],
@@ -1163,6 +1170,21 @@ impl ProcessSandbox {
                     ),
                 ))
             }
+        };
+        // A response body cut short is most often the runtime dying mid-stream: name the
+        // exit when it follows at once (which of the two is seen first is a race).
+        const EXIT_AFTER_TRUNCATION: Duration = Duration::from_millis(200);
+        let outcome = match outcome {
+            InvokeOutcome::Error(r) if r.error_type == "Runtime.TruncatedResponse" => {
+                match tokio::time::timeout(EXIT_AFTER_TRUNCATION, wait_exit(&mut exit)).await {
+                    Ok(status) => {
+                        self.reset = Some(ShutdownReason::Failure);
+                        exit_error(&req.request_id, status)
+                    }
+                    Err(_) => InvokeOutcome::Error(r),
+                }
+            }
+            o => o,
         };
         // An extension that crashed or reported exit/error failed the invocation (or the
         // environment): reset like a runtime crash.

@@ -24,6 +24,7 @@
 
 pub mod memory;
 pub mod persist;
+pub mod prefetch;
 
 use std::fs::File;
 use std::io::{Read, Write};
