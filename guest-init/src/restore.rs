@@ -132,7 +132,9 @@ pub(crate) async fn apply(mode: Mode, restored: &Restored, core: &RuntimeCore) -
         }
         if let Err(e) = add_entropy(&restored.entropy) {
             // Not fatal to serving, but every copy may then share RNG output: say so.
-            crate::system::say(format!("mixing the host's entropy into the kernel RNG: {e}"));
+            crate::system::say(format!(
+                "mixing the host's entropy into the kernel RNG: {e}"
+            ));
         }
     } else {
         eprintln!(
@@ -246,10 +248,8 @@ mod tests {
             core_config(&cfg).initialization_type,
             InitializationType::OnDemand
         );
-        cfg.environment.insert(
-            "AWS_LAMBDA_INITIALIZATION_TYPE".into(),
-            "snap-start".into(),
-        );
+        cfg.environment
+            .insert("AWS_LAMBDA_INITIALIZATION_TYPE".into(), "snap-start".into());
         assert_eq!(
             core_config(&cfg).initialization_type,
             InitializationType::SnapStart

@@ -5,9 +5,13 @@
 //!
 //! `kindling bench invoke` (module [`invoke`]): warm invoke latency and throughput through
 //! Kindling and through `cargo lambda watch`, side by side.
+//!
+//! `kindling bench snapshot` (module [`snapshot`]): snapshot create and restore (with and
+//! without working-set prefetch) against cold boot.
 
 pub mod image;
 pub mod invoke;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -234,6 +234,7 @@ impl LogStore {
             state: Mutex::new(EnvLogState {
                 invocations: 0,
                 init_duration: None,
+                restore_duration: None,
                 capture: None,
             }),
         }))
@@ -280,6 +281,9 @@ struct EnvLogState {
     invocations: u64,
     /// Reported on the first invocation's REPORT line only.
     init_duration: Option<Duration>,
+    /// Restored from a snapshot (microvm backend) in this long: the first REPORT says
+    /// `Restore Duration` instead of `Init Duration`, as Lambda's SnapStart does.
+    restore_duration: Option<Duration>,
     capture: Option<Capture>,
 }
 
@@ -340,6 +344,11 @@ impl EnvLog {
         self.store
             .metrics
             .record_init_duration(&self.function, init);
+    }
+
+    /// The environment was restored from a snapshot in `restore` (no Init ran).
+    pub fn restored(&self, restore: Duration) {
+        self.state().restore_duration = Some(restore);
     }
 
     /// An invocation starts: writes `START`, counts a cold or warm start.
@@ -403,7 +412,12 @@ impl EnvLog {
             report.push_str(&format!("\tMax Memory Used: {mb} MB"));
         }
         if st.invocations == 1 && !self.provisioned {
-            if let Some(init) = st.init_duration {
+            if let Some(restore) = st.restore_duration {
+                report.push_str(&format!(
+                    "\tRestore Duration: {:.2} ms",
+                    restore.as_secs_f64() * 1000.0
+                ));
+            } else if let Some(init) = st.init_duration {
                 report.push_str(&format!(
                     "\tInit Duration: {:.2} ms",
                     init.as_secs_f64() * 1000.0

@@ -314,12 +314,16 @@ enum BenchCmd {
     /// Cold starts from a chunked root image: chunks and bytes fetched per cache tier vs the
     /// image size, read latency per tier, and the dedup ratio of two images on one base.
     Image(host_agent::bench::image::ImageCli),
+    /// Snapshot create time and size, restore latency with and without working-set prefetch,
+    /// page faults after restore and VMM overhead, against cold boot (guest kernel + test init).
+    Snapshot(host_agent::bench::snapshot::SnapshotCli),
 }
 
 fn run_bench(cmd: BenchCmd) -> ExitCode {
     match cmd {
         BenchCmd::Invoke(a) => host_agent::bench::invoke::run_cli(a),
         BenchCmd::Image(a) => host_agent::bench::image::run_cli(a),
+        BenchCmd::Snapshot(a) => host_agent::bench::snapshot::run_cli(a),
         BenchCmd::Boot {
             runs,
             mem,
@@ -482,6 +486,12 @@ struct Conn {
     endpoint: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Address of Lambda's API.
@@ -558,6 +568,10 @@ struct ServeArgs {
     /// <data-dir>/chunked/l1 unless --l1-dir, L2 from --l2).
     #[command(flatten)]
     image_tiers: image_cache::TierConfig,
+    /// microvm backend: snapshot cold starts. The first cold start of a function revision
+    /// snapshots its VM after Init; later ones restore it (<data-dir>/snapshots).
+    #[arg(long, value_enum, default_value = "on")]
+    snapshots: OnOff,
 }
 
 // Parsed once per run: the size of the largest variant does not matter.
@@ -677,6 +691,7 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
             rate_bytes_per_sec: (a.stream_rate > 0).then_some(a.stream_rate),
         },
         image_tiers: a.image_tiers.l3.is_some().then_some(a.image_tiers),
+        snapshots: a.snapshots == OnOff::On,
     };
     serve::run(
         cfg,

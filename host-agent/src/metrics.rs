@@ -80,6 +80,7 @@ pub struct Metrics {
     cold_starts: Family<FunctionLabel, Counter>,
     warm_starts: Family<FunctionLabel, Counter>,
     init_duration: Family<FunctionLabel, Histogram, fn() -> Histogram>,
+    restore_duration: Family<FunctionLabel, Histogram, fn() -> Histogram>,
     invoke_duration: Family<FunctionLabel, Histogram, fn() -> Histogram>,
     environments: Family<StateLabel, Gauge>,
     concurrent_executions: Family<FunctionLabel, Gauge>,
@@ -136,6 +137,13 @@ impl Metrics {
             "Runtime init (start to the first /next) of environments that became ready",
             init_duration.clone(),
         );
+        let restore_duration: Family<FunctionLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_histogram);
+        registry.register(
+            "restore_duration_seconds",
+            "Snapshot restore (VMM start to the restored guest ready) of microVM environments",
+            restore_duration.clone(),
+        );
         let invoke_duration: Family<FunctionLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(duration_histogram);
         registry.register(
@@ -191,6 +199,7 @@ impl Metrics {
             cold_starts,
             warm_starts,
             init_duration,
+            restore_duration,
             invoke_duration,
             environments,
             concurrent_executions,
@@ -260,6 +269,12 @@ impl Metrics {
 
     pub fn record_init_duration(&self, function: &str, d: Duration) {
         self.init_duration
+            .get_or_create(&Self::label(function))
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn record_restore_duration(&self, function: &str, d: Duration) {
+        self.restore_duration
             .get_or_create(&Self::label(function))
             .observe(d.as_secs_f64());
     }

@@ -64,6 +64,8 @@ pub struct ServeConfig {
     /// microvm backend: root images pushed to this image store and booted lazily through
     /// the chunk cache (`--l3` given); `None`: local ext4 files.
     pub image_tiers: Option<image_cache::TierConfig>,
+    /// microvm backend: snapshot cold starts (`--snapshots on`, the default).
+    pub snapshots: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +219,14 @@ fn microvm_backend(
                         .map_err(|e| fail(e.to_string()))?,
                 ),
                 None => None,
+            },
+            snapshots: if cfg.snapshots {
+                Some(
+                    crate::sandbox::snapshot::Snapshots::open(&cfg.data_dir)
+                        .map_err(|e| fail(format!("snapshots: {e}")))?,
+                )
+            } else {
+                None
             },
         },
         logs.clone(),

@@ -7,7 +7,10 @@
 //! - `"sleep_ms": <n>`: the handler sleeps first (past the timeout: `Sandbox.Timedout`);
 //! - `"probe": {"env": [NAME...], "paths": [PATH...]}`: the answer also carries a `probe`
 //!   object with those environment variables, whether those paths exist, the working
-//!   directory and the command line (to check how a platform started the runtime).
+//!   directory and the command line (to check how a platform started the runtime);
+//! - `"random": <n>`: the answer also carries `random`, n (at most 1024) bytes from the
+//!   kernel's `getrandom`, hex-encoded (to check that snapshot clones do not share RNG
+//!   state).
 
 use lambda_runtime::{service_fn, Diagnostic, Error, LambdaEvent};
 use serde_json::{json, Value};
@@ -27,8 +30,16 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
         });
     }
     let probe = payload.get("probe").map(probe);
+    let random = match payload.get("random").and_then(Value::as_u64) {
+        Some(n) => Some(random_hex(n.min(1024) as usize).map_err(|e| Diagnostic {
+            error_type: "EchoRandomFailure".into(),
+            error_message: e.to_string(),
+        })?),
+        None => None,
+    };
     Ok(json!({
         "probe": probe,
+        "random": random,
         "echo": payload,
         "requestId": ctx.request_id,
         "functionName": ctx.env_config.function_name,
@@ -68,6 +79,26 @@ fn probe(what: &Value) -> Value {
         "cwd": std::env::current_dir().ok().map(|d| d.display().to_string()),
         "args": std::env::args().collect::<Vec<_>>(),
     })
+}
+
+/// `n` bytes from getrandom(2), straight from the kernel (no user-space generator whose
+/// state a snapshot would copy), as lowercase hex.
+fn random_hex(n: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        // SAFETY: getrandom writes at most `n - got` bytes into `buf` from offset `got`.
+        let r = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), n - got, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            got += r as usize;
+        }
+    }
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[tokio::main]

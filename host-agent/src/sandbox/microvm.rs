@@ -12,8 +12,9 @@
 //! process is killed if it is still there, and the environment directory removed.
 //!
 //! Runtimes: `python3.11` on the python3.11 base (`rootfs::base`), and `provided.*` functions
-//! whose `bootstrap` is statically linked (no base with a C library yet). Each environment
-//! boots from scratch (snapshots are issue #6).
+//! whose `bootstrap` is statically linked (no base with a C library yet). With snapshots on
+//! (the default), cold starts after the first of a function revision restore a snapshot taken
+//! after Init instead of booting (see `super::snapshot`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ use rapid_api::{ErrorReport, InvokeOutcome};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
+use super::snapshot::Plan;
 use super::{Backend, EnvSpec, InvokeRequest, Sandbox, StartError};
 use crate::functions::{Function, Runtime};
 use crate::logs::{EnvLog, InvocationEnd, LogStore};
@@ -54,6 +56,8 @@ pub struct MicrovmConfig {
     pub boot_timeout: Duration,
     /// Chunked root images through the image cache (`--l3`); `None`: local ext4 files.
     pub chunked: Option<Arc<super::chunked::ChunkedImages>>,
+    /// Snapshot cold starts (`--snapshots on`); `None`: every cold start boots.
+    pub snapshots: Option<Arc<super::snapshot::Snapshots>>,
 }
 
 pub struct MicrovmBackend {
@@ -244,15 +248,83 @@ impl Backend for MicrovmBackend {
 
     async fn start(&self, spec: EnvSpec) -> Result<Box<dyn Sandbox>, StartError> {
         let f = spec.function.clone();
+        let (block, init, chunked) = self.root_disk(&f).await?;
+        let vm = serde_json::json!({
+            "kernel": self.cfg.kernel,
+            "cmdline": format!(
+                "reboot=k panic=1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce \
+                 console=ttyS0 root=/dev/vda ro rootfstype=ext4 init={init}"
+            ),
+            "vcpus": 1,
+            "mem_mib": f.config.memory_size.max(128),
+            "block": [block],
+        });
+        // Snapshots: local root images only (not chunked ones yet), and not for provisioned
+        // concurrency (Lambda's SnapStart and provisioned concurrency exclude each other).
+        let mut making = None;
+        let snapshots = match (&self.cfg.snapshots, &chunked, spec.initialization_type) {
+            (Some(s), None, super::InitializationType::OnDemand) => Some(s.clone()),
+            _ => None,
+        };
+        if let Some(snaps) = &snapshots {
+            // Twice at most: a snapshot that cannot be used is deleted, and the second plan
+            // makes a new one.
+            for _ in 0..2 {
+                match snaps.plan(&self.cfg, &f, &vm).await {
+                    Ok(Plan::Restore(files)) => match self.restore(&spec, &files).await {
+                        Ok(env) => return Ok(Box::new(env)),
+                        Err(StartError::Host(reason)) => snaps.discard(&files, &reason),
+                        Err(e) => return Err(e),
+                    },
+                    Ok(Plan::Make(m)) => {
+                        making = Some(m);
+                        break;
+                    }
+                    Ok(Plan::Boot) => break,
+                    Err(e) => {
+                        tracing::warn!(function = %f.config.function_name,
+                            "snapshots: {e}; booting");
+                        break;
+                    }
+                }
+            }
+        }
+        let image = PathBuf::from(vm["block"][0]["path"].as_str().unwrap_or_default());
+        let Some(making) = making else {
+            let (env, _, _) = self.boot(&spec, vm, chunked, false).await?;
+            return Ok(Box::new(env));
+        };
+        let (mut env, listener, api_sock) = self.boot(&spec, vm.clone(), None, true).await?;
+        match super::snapshot::make(&mut env, &listener, &api_sock, &image, making).await {
+            Ok(_) => Ok(Box::new(env)),
+            Err(e) => {
+                // The VM's state is unknown: another one boots, without snapshots.
+                tracing::warn!(function = %f.config.function_name, env = %env.id,
+                    "{e}; booting another environment");
+                drop(env);
+                let (env, _, _) = self.boot(&spec, vm, None, false).await?;
+                Ok(Box::new(env))
+            }
+        }
+    }
+}
+
+impl MicrovmBackend {
+    /// The function revision's root disk (block device config) and the guest's init path.
+    async fn root_disk(
+        &self,
+        f: &Arc<Function>,
+    ) -> Result<(serde_json::Value, &'static str, Option<ChunkedBoot>), StartError> {
         let chunked = match &self.cfg.chunked {
             Some(c) => Some(self.ensure_chunked(c, &f).await?),
             None => None,
         };
-        let (block, init) = match &chunked {
+        Ok(match chunked {
             Some(b) => (
                 serde_json::json!({"path": b.manifest, "read_only": true, "serial": "rootfs",
                     "chunked": {"socket": b.images.socket(), "cache_mib": 64}}),
                 b.init,
+                Some(b),
             ),
             None => {
                 let (cfg, f) = (self.cfg.clone(), f.clone());
@@ -263,9 +335,23 @@ impl Backend for MicrovmBackend {
                 (
                     serde_json::json!({"path": image, "read_only": true, "serial": "rootfs"}),
                     init,
+                    None,
                 )
             }
-        };
+        })
+    }
+
+    /// Boots a VM and runs Init (`snap_start`: `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`
+    /// and a control socket, for a VM about to be snapshotted). Returns the environment, its
+    /// vsock listener and its control socket path.
+    async fn boot(
+        &self,
+        spec: &EnvSpec,
+        mut vm: serde_json::Value,
+        chunked: Option<ChunkedBoot>,
+        snap_start: bool,
+    ) -> Result<(MicrovmSandbox, UnixListener, PathBuf), StartError> {
+        let f = spec.function.clone();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let env_dir = self.cfg.envs_dir.join(&id);
         std::fs::create_dir_all(&env_dir)
@@ -274,18 +360,8 @@ impl Backend for MicrovmBackend {
         let listener = UnixListener::bind(format!("{}_{}", uds.display(), proto::HOST_PORT))
             .map_err(|e| StartError::Host(format!("vsock listener: {e}")))?;
         let serial = env_dir.join("serial.log");
-        let vm = serde_json::json!({
-            "kernel": self.cfg.kernel,
-            "cmdline": format!(
-                "reboot=k panic=1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce \
-                 console=ttyS0 root=/dev/vda ro rootfstype=ext4 init={init}"
-            ),
-            "vcpus": 1,
-            "mem_mib": f.config.memory_size.max(128),
-            "block": [block],
-            "vsock": {"guest_cid": GUEST_CID, "uds_path": uds},
-            "serial": {"file": serial},
-        });
+        vm["vsock"] = serde_json::json!({"guest_cid": GUEST_CID, "uds_path": uds});
+        vm["serial"] = serde_json::json!({"file": serial});
         let vm_json = env_dir.join("vm.json");
         std::fs::write(&vm_json, vm.to_string()).map_err(|e| StartError::Host(e.to_string()))?;
         let mut cmd = Command::new(&self.cfg.vmm);
@@ -293,7 +369,7 @@ impl Backend for MicrovmBackend {
         // The control socket: after the first invocation the chunks the VM fetched are read
         // from it (the image's prefetch list).
         let api_sock = env_dir.join("api.sock");
-        if chunked.is_some() {
+        if chunked.is_some() || snap_start {
             cmd.arg("--api-sock").arg(&api_sock);
         }
         cmd.env("KINDLING_LOG", "warn")
@@ -308,21 +384,7 @@ impl Backend for MicrovmBackend {
         let child = cmd
             .spawn()
             .map_err(|e| StartError::Host(format!("spawning {}: {e}", self.cfg.vmm.display())))?;
-        let stream_name = format!(
-            "{}/[{}]{}",
-            chrono::Utc::now().format("%Y/%m/%d"),
-            f.config.version,
-            id
-        );
-        let log = self
-            .logs
-            .env_log(
-                &f.config.function_name,
-                f.config.memory_size,
-                stream_name,
-                spec.initialization_type == super::InitializationType::ProvisionedConcurrency,
-            )
-            .map_err(|e| StartError::Host(e.to_string()))?;
+        let log = self.env_log(spec, &id)?;
         let mut env = MicrovmSandbox {
             id: id.clone(),
             function: f.clone(),
@@ -333,7 +395,7 @@ impl Backend for MicrovmBackend {
             broken: false,
             log,
             pending: VecDeque::new(),
-            chunked: chunked.map(|b| (b, api_sock)),
+            chunked: chunked.map(|b| (b, api_sock.clone())),
         };
         let boot_start = Instant::now();
 
@@ -358,36 +420,132 @@ impl Backend for MicrovmBackend {
         tracing::debug!(function = %f.config.function_name, env = %id,
             "guest connected {:.1} s after VMM start", boot_start.elapsed().as_secs_f64());
         env.stream = Some(stream);
-        env.handshake(&spec).await?;
-        Ok(Box::new(env))
+        let init_type = if snap_start {
+            "snap-start"
+        } else {
+            spec.initialization_type.as_str()
+        };
+        env.handshake(spec, init_type).await?;
+        Ok((env, listener, api_sock))
+    }
+
+    fn env_log(&self, spec: &EnvSpec, id: &str) -> Result<Arc<EnvLog>, StartError> {
+        let f = &spec.function.config;
+        let stream_name = format!(
+            "{}/[{}]{}",
+            chrono::Utc::now().format("%Y/%m/%d"),
+            f.version,
+            id
+        );
+        self.logs
+            .env_log(
+                &f.function_name,
+                f.memory_size,
+                stream_name,
+                spec.initialization_type == super::InitializationType::ProvisionedConcurrency,
+            )
+            .map_err(|e| StartError::Host(e.to_string()))
+    }
+
+    /// A cold start from a snapshot: `kindling-vmm --restore` with this environment's own
+    /// vsock socket and serial file, the guest's reconnection, Restored, Ready. A
+    /// `StartError::Host` means the snapshot could not be used (its reason says why).
+    async fn restore(
+        &self,
+        spec: &EnvSpec,
+        files: &super::snapshot::SnapshotFiles,
+    ) -> Result<MicrovmSandbox, StartError> {
+        let started = Instant::now();
+        for p in [files.state(), files.mem(), files.rootfs()] {
+            if !p.is_file() {
+                return Err(StartError::Host(format!("{} is missing", p.display())));
+            }
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let env_dir = self.cfg.envs_dir.join(&id);
+        std::fs::create_dir_all(&env_dir)
+            .map_err(|e| StartError::Host(format!("{}: {e}", env_dir.display())))?;
+        let uds = env_dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_{}", uds.display(), proto::HOST_PORT))
+            .map_err(|e| StartError::Host(format!("vsock listener: {e}")))?;
+        let mut cmd = Command::new(&self.cfg.vmm);
+        cmd.arg("--restore")
+            .arg(files.state())
+            .arg("--mem")
+            .arg(files.mem())
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .arg("--serial")
+            .arg(env_dir.join("serial.log"))
+            .arg("--block-path")
+            .arg(files.rootfs())
+            .env("KINDLING_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(env_dir.join("vmm.log"))
+                    .map_err(|e| StartError::Host(e.to_string()))?,
+            ))
+            .kill_on_drop(true);
+        super::own_group_dying_with_agent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| StartError::Host(format!("spawning {}: {e}", self.cfg.vmm.display())))?;
+        let log = self.env_log(spec, &id)?;
+        let mut env = MicrovmSandbox {
+            id,
+            function: spec.function.clone(),
+            child,
+            stream: None,
+            decoder: Decoder::new(),
+            env_dir,
+            broken: false,
+            log,
+            pending: VecDeque::new(),
+            chunked: None,
+        };
+        let limit = self
+            .cfg
+            .boot_timeout
+            .min(super::snapshot::RECONNECT_TIMEOUT);
+        super::snapshot::accept_guest(&mut env, &listener, limit)
+            .await
+            .map_err(StartError::Host)?;
+        tokio::time::timeout(limit, super::snapshot::restored_handshake(&mut env))
+            .await
+            .map_err(|_| StartError::Host(format!("the restored guest was not ready within {limit:?}")))??;
+        env.log.restored(started.elapsed());
+        tracing::debug!(function = %spec.function.config.function_name, env = %env.id,
+            "restored in {:.0} ms", started.elapsed().as_secs_f64() * 1000.0);
+        Ok(env)
     }
 }
 
 pub struct MicrovmSandbox {
-    id: String,
-    function: Arc<Function>,
-    child: Child,
-    stream: Option<UnixStream>,
-    decoder: Decoder,
-    env_dir: PathBuf,
+    pub(super) id: String,
+    pub(super) function: Arc<Function>,
+    pub(super) child: Child,
+    pub(super) stream: Option<UnixStream>,
+    pub(super) decoder: Decoder,
+    pub(super) env_dir: PathBuf,
     broken: bool,
-    log: Arc<EnvLog>,
+    pub(super) log: Arc<EnvLog>,
     /// Frames read ahead while draining log lines, handed out by `recv` first.
-    pending: VecDeque<Message>,
+    pub(super) pending: VecDeque<Message>,
     /// Chunked image and the VMM's control socket, until the first invocation records
     /// which chunks the VM fetched.
     chunked: Option<(ChunkedBoot, PathBuf)>,
 }
 
 impl MicrovmSandbox {
-    async fn send(&mut self, m: &Message) -> Result<(), proto::ProtoError> {
+    pub(super) async fn send(&mut self, m: &Message) -> Result<(), proto::ProtoError> {
         match self.stream.as_mut() {
             Some(s) => proto::write_message_async(s, m).await,
             None => Err(proto::ProtoError::Closed),
         }
     }
 
-    async fn recv(&mut self) -> Result<Message, proto::ProtoError> {
+    pub(super) async fn recv(&mut self) -> Result<Message, proto::ProtoError> {
         if let Some(m) = self.pending.pop_front() {
             return Ok(m);
         }
@@ -397,7 +555,7 @@ impl MicrovmSandbox {
         }
     }
 
-    fn log_line(&self, l: &proto::Log) {
+    pub(super) fn log_line(&self, l: &proto::Log) {
         let text = String::from_utf8_lossy(&l.line);
         let text = text.trim_end_matches(['\n', '\r']);
         tracing::info!(target: "kindling::function", function = %self.function.config.function_name,
@@ -429,7 +587,7 @@ impl MicrovmSandbox {
         }
     }
 
-    async fn handshake(&mut self, spec: &EnvSpec) -> Result<(), StartError> {
+    async fn handshake(&mut self, spec: &EnvSpec, init_type: &str) -> Result<(), StartError> {
         self.send(&Message::Hello(Hello::new(Role::Host)))
             .await
             .map_err(proto_err("hello"))?;
@@ -467,10 +625,7 @@ impl MicrovmSandbox {
         };
         let mut environment =
             guest_init::env::lambda_variables(&configure, "/tmp", self.log.stream());
-        environment.insert(
-            "AWS_LAMBDA_INITIALIZATION_TYPE".into(),
-            spec.initialization_type.as_str().into(),
-        );
+        environment.insert("AWS_LAMBDA_INITIALIZATION_TYPE".into(), init_type.into());
         if let RuntimeKind::Python { .. } = configure.runtime {
             // Where the base image keeps awslambdaric, as Lambda's /var/runtime.
             environment.insert("PYTHONPATH".into(), rootfs::base::RUNTIME_DIR.into());

@@ -6,6 +6,7 @@
 pub mod chunked;
 pub mod microvm;
 pub mod process;
+pub mod snapshot;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -127,7 +127,7 @@ impl Drop for Making {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct State {
     making: HashSet<String>,
     /// Keys whose making failed: booted normally until the agent restarts, rather than
@@ -136,6 +136,7 @@ struct State {
 }
 
 /// The snapshot store of one agent (`<data-dir>/snapshots`).
+#[derive(Debug)]
 pub struct Snapshots {
     root: PathBuf,
     inputs: tokio::sync::OnceCell<HostInputs>,
@@ -409,7 +410,9 @@ pub(super) async fn make(
         }
         Err(e) => {
             making.snapshots.failed(&making, &e.to_string());
-            Err(StartError::Host(format!("snapshotting the environment: {e}")))
+            Err(StartError::Host(format!(
+                "snapshotting the environment: {e}"
+            )))
         }
     }
 }
@@ -472,8 +475,11 @@ async fn make_inner(
             "snapshot_ms": started.elapsed().as_millis() as u64,
         });
         let meta_path = tmp.join("meta.json");
-        std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).unwrap_or_default())
-            .map_err(io_err(&meta_path))?;
+        std::fs::write(
+            &meta_path,
+            serde_json::to_vec_pretty(&meta).unwrap_or_default(),
+        )
+        .map_err(io_err(&meta_path))?;
         // Older keys of this function are stale (code, image, kernel or config changed).
         for old in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
             let name = old.file_name();
