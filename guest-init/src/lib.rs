@@ -13,6 +13,7 @@
 //! The static binary the guest runs is built by `rootfs::static_bin::build`.
 
 pub mod env;
+pub mod extensions;
 pub mod image;
 pub mod proto;
 pub mod runtime;

@@ -40,10 +40,18 @@
 //!   Log* ...                                     (runtime output, any time)
 //!   Ready | InitError | InitTimeout ---->        (once; RuntimeExit may follow InitError)
 //!   <----------------------------- Invoke        (one at a time)
+//!   [StreamStart StreamChunk*] ----------->      (only if the Invoke says `stream`)
 //!   Response | FunctionError | RuntimeExit ->    (one per Invoke, same request_id)
 //!   <---------------------------- Shutdown       (guest stops the runtime and powers off)
 //!   <- Ping / Pong ->                            (any time after the handshake)
 //!   Fatal ------------------------------>        (guest-init's own failure; it powers off)
+//!   <---------------------- PrepareSnapshot      (between invocations)
+//!   SnapshotReady ---------------------->        (then the VM is paused and snapshotted)
+//!   ... connection lost; guest-init reconnects (each resumed or restored copy):
+//!   Hello (resumed) -------------------->
+//!   <------------------------------ Hello
+//!   <--------------------------- Restored        (clock, host name, entropy payload)
+//!   Ready | InitError ------------------>        (then invocations as before)
 //! ```
 
 use std::collections::BTreeMap;
@@ -319,6 +327,11 @@ pub struct Invoke {
     #[serde(default)]
     pub tenant_id: Option<String>,
     pub content_type: String,
+    /// The caller takes a streamed response (InvokeWithResponseStream): a runtime that
+    /// streams is answered with [`StreamStart`], [`StreamChunk`]s, then the usual Response
+    /// (empty payload) or FunctionError. Absent (false) from older hosts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
     #[serde(skip)]
     pub payload: Bytes,
 }
@@ -422,9 +435,36 @@ pub struct Log {
     /// any, follows in the next Log of this stream.
     #[serde(default)]
     pub partial: bool,
+    /// The line comes from this external extension, not the runtime. Absent for runtime
+    /// lines (and from older guests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension: Option<String>,
     #[serde(skip)]
     pub line: Bytes,
 }
+
+/// Guest -> host: the runtime started a streamed response to `request_id` (only when the
+/// Invoke asked for `stream`). [`StreamChunk`]s follow, then a Response (empty payload) or a
+/// FunctionError for the same request ends the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamStart {
+    pub request_id: String,
+    #[serde(default)]
+    pub content_type: Option<String>,
+}
+
+/// Guest -> host: the next piece of a streamed response, raw, at most
+/// [`MAX_STREAM_CHUNK_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    pub request_id: String,
+    #[serde(skip)]
+    pub payload: Bytes,
+}
+
+/// Largest [`StreamChunk`] payload a guest sends (bigger body pieces are split): bounds what
+/// the guest's output queue holds.
+pub const MAX_STREAM_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Guest -> host: guest-init itself failed; it powers off after sending this.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -490,10 +530,12 @@ pub enum Kind {
     PrepareSnapshot = 0x14,
     Restored = 0x15,
     SnapshotReady = 0x29,
+    StreamStart = 0x2a,
+    StreamChunk = 0x2b,
 }
 
 impl Kind {
-    const ALL: [Kind; 17] = [
+    const ALL: [Kind; 19] = [
         Kind::Hello,
         Kind::Configure,
         Kind::Invoke,
@@ -511,6 +553,8 @@ impl Kind {
         Kind::PrepareSnapshot,
         Kind::Restored,
         Kind::SnapshotReady,
+        Kind::StreamStart,
+        Kind::StreamChunk,
     ];
 
     pub fn from_u8(b: u8) -> Option<Kind> {
@@ -536,6 +580,8 @@ impl Kind {
             Kind::PrepareSnapshot => "PrepareSnapshot",
             Kind::Restored => "Restored",
             Kind::SnapshotReady => "SnapshotReady",
+            Kind::StreamStart => "StreamStart",
+            Kind::StreamChunk => "StreamChunk",
         }
     }
 }
@@ -564,6 +610,9 @@ pub enum Message {
     PrepareSnapshot(PrepareSnapshot),
     Restored(Box<Restored>),
     SnapshotReady(SnapshotReady),
+    // response streaming (see `StreamStart`)
+    StreamStart(StreamStart),
+    StreamChunk(StreamChunk),
 }
 
 impl Message {
@@ -586,6 +635,8 @@ impl Message {
             Message::PrepareSnapshot(_) => Kind::PrepareSnapshot,
             Message::Restored(_) => Kind::Restored,
             Message::SnapshotReady(_) => Kind::SnapshotReady,
+            Message::StreamStart(_) => Kind::StreamStart,
+            Message::StreamChunk(_) => Kind::StreamChunk,
         }
     }
 
@@ -617,6 +668,8 @@ impl Message {
             Message::PrepareSnapshot(m) => (json(k, m)?, none),
             Message::Restored(m) => (json(k, m)?, &m.entropy[..]),
             Message::SnapshotReady(m) => (json(k, m)?, none),
+            Message::StreamStart(m) => (json(k, m)?, none),
+            Message::StreamChunk(m) => (json(k, m)?, &m.payload[..]),
         })
     }
 
@@ -854,6 +907,15 @@ fn decode(kind: Kind, header: &[u8], payload: Bytes) -> Result<Message, ProtoErr
             bare(&payload)?;
             Message::SnapshotReady(hdr(kind, header)?)
         }
+        Kind::StreamStart => {
+            bare(&payload)?;
+            Message::StreamStart(hdr(kind, header)?)
+        }
+        Kind::StreamChunk => {
+            let mut m: StreamChunk = hdr(kind, header)?;
+            m.payload = payload;
+            Message::StreamChunk(m)
+        }
     })
 }
 
@@ -955,6 +1017,7 @@ mod tests {
                 cognito_identity: Some("{}".into()),
                 tenant_id: None,
                 content_type: "application/json".into(),
+                stream: false,
                 payload: binary(),
             })),
             Message::Invoke(Box::new(Invoke {
@@ -967,6 +1030,7 @@ mod tests {
                 cognito_identity: None,
                 tenant_id: Some("t".into()),
                 content_type: "application/json".into(),
+                stream: true,
                 payload: Bytes::new(),
             })),
             Message::Shutdown(Shutdown {
@@ -1007,7 +1071,22 @@ mod tests {
             Message::Log(Log {
                 stream: Stream::Stderr,
                 partial: true,
+                extension: None,
                 line: binary(),
+            }),
+            Message::Log(Log {
+                stream: Stream::Stdout,
+                partial: false,
+                extension: Some("ext-a".into()),
+                line: binary(),
+            }),
+            Message::StreamStart(StreamStart {
+                request_id: "r1".into(),
+                content_type: Some("text/plain".into()),
+            }),
+            Message::StreamChunk(StreamChunk {
+                request_id: "r1".into(),
+                payload: binary(),
             }),
             Message::Pong(Pong { seq: 7 }),
             Message::Fatal(Fatal {
@@ -1074,6 +1153,7 @@ mod tests {
         let m = Message::Log(Log {
             stream: Stream::Stdout,
             partial: false,
+            extension: None,
             line: Bytes::from_static(b"hi\x00"),
         });
         let f = encode(&m).unwrap();

@@ -287,12 +287,14 @@ pub(crate) fn signal_group(pgid: libc::pid_t, sig: libc::c_int) {
 }
 
 /// Forwards one output stream of the runtime as [`Log`] messages, a line at a time, lines
-/// cut at `max_line` bytes. Ends at end of stream or when the host side is gone.
+/// cut at `max_line` bytes. Ends at end of stream or when the host side is gone. With a
+/// `tap`, each line also goes to the core's Telemetry API (and Logs name the extension).
 pub(crate) async fn pump_logs(
     fd: OwnedFd,
     stream: Stream,
     tx: mpsc::Sender<Message>,
     max_line: usize,
+    tap: Option<crate::extensions::LogTap>,
 ) {
     let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
         return;
@@ -312,9 +314,13 @@ pub(crate) async fn pump_logs(
                 if !partial {
                     line.pop();
                 }
+                if let Some(t) = &tap {
+                    t.record(&line);
+                }
                 let msg = Message::Log(Log {
                     stream,
                     partial,
+                    extension: tap.as_ref().and_then(|t| t.extension.clone()),
                     line: Bytes::copy_from_slice(&line),
                 });
                 if tx.send(msg).await.is_err() {

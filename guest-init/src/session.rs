@@ -304,6 +304,8 @@ impl GuestInit {
             init_reported: false,
             current: None,
             prepared: false,
+            extensions: None,
+            stream_fwd: None,
         };
         let mut launch = match runtime::runtime_command(cfg) {
             Ok(launch) => launch,
@@ -313,6 +315,27 @@ impl GuestInit {
             }
         };
         runtime::prepare(&mut launch, cfg, &api_addr.to_string(), self.mode);
+        // Extension init (each registers) comes before the runtime starts.
+        let ext_launch = crate::extensions::Launch {
+            task_root: &cfg.task_root,
+            env: &launch.env,
+            api_addr: &api_addr.to_string(),
+            run_as: cfg.run_as,
+            mode: self.mode,
+            reaper,
+            out: out.0.clone(),
+            core: &env.core,
+            max_log_line: self.max_log_line,
+            deadline: (!env.init_timeout.is_zero()).then(|| env.started + env.init_timeout),
+            init_timeout: env.init_timeout,
+        };
+        match crate::extensions::start(ext_launch).await {
+            Ok(x) => env.extensions = x,
+            Err(e) => {
+                env.fail_extensions(e, out).await?;
+                return Ok(env);
+            }
+        }
         let program = launch.command.get_program().to_string_lossy().into_owned();
         let (mut child, exit) = match reaper.spawn(&mut launch.command) {
             Ok(spawned) => spawned,
@@ -326,7 +349,12 @@ impl GuestInit {
             }
             Err(source) => return Err(SessionError::Spawn { program, source }),
         };
-        env.started = Instant::now();
+        if let Some(x) = &env.extensions {
+            x.set_runtime(child.id() as libc::pid_t);
+        } else {
+            // With extensions, init (and Init Duration) began with theirs.
+            env.started = Instant::now();
+        }
         env.pgid = Some(child.id() as libc::pid_t);
         env.exit = Some(exit);
         if let Some(o) = child.stdout.take() {
@@ -335,6 +363,7 @@ impl GuestInit {
                 Stream::Stdout,
                 out.0.clone(),
                 self.max_log_line,
+                env.log_tap(),
             ));
         }
         if let Some(e) = child.stderr.take() {
@@ -343,6 +372,7 @@ impl GuestInit {
                 Stream::Stderr,
                 out.0.clone(),
                 self.max_log_line,
+                env.log_tap(),
             ));
         }
         // Dropping a std Child neither kills nor waits: the reaper collects it.
@@ -394,6 +424,11 @@ struct Env {
     current: Current,
     /// SnapshotReady has been sent: a lost host connection now means "snapshotted".
     prepared: bool,
+    /// The external extensions (`None`: the function has none).
+    extensions: Option<crate::extensions::Extensions>,
+    /// Carries the current invocation's streamed response to the host; its outcome goes
+    /// only after this has finished (the chunks come first).
+    stream_fwd: Option<JoinHandle<()>>,
 }
 
 enum Event {
@@ -488,6 +523,9 @@ impl Env {
                     let Some((id, _)) = self.current.take() else {
                         continue;
                     };
+                    if let Some(fwd) = self.stream_fwd.take() {
+                        let _ = fwd.await;
+                    }
                     let msg = match r {
                         Ok(outcome) => outcome_message(id, outcome),
                         Err(_) => error_message(
@@ -515,7 +553,7 @@ impl Env {
                     Message::Ping(p) => out.send(Message::Pong(Pong { seq: p.seq })).await?,
                     Message::PrepareSnapshot(p) => self.prepare_snapshot(p, out).await?,
                     Message::Shutdown(s) => {
-                        self.shutdown(Duration::from_millis(s.grace_ms)).await;
+                        self.shutdown_for(&s).await;
                         return Ok(SessionEnd { reason: s.reason });
                     }
                     other => {
@@ -565,6 +603,10 @@ impl Env {
         }
         let mut held = None;
         if let Some((id, mut rx)) = self.current.take() {
+            if let Some(fwd) = self.stream_fwd.take() {
+                // Bounded: the stream ends when the dead runtime's connection does.
+                let _ = tokio::time::timeout(KILL_WAIT, fwd).await;
+            }
             match rx.try_recv() {
                 Ok(outcome) => out.send(outcome_message(id, outcome)).await?,
                 Err(_) => held = Some(id),
@@ -576,11 +618,17 @@ impl Env {
 
     async fn invoke(&mut self, inv: proto::Invoke, out: &Out) -> Result<(), SessionError> {
         let request_id = inv.request_id.clone();
+        let streamed = inv.stream;
         if let Some(info) = self.exited {
             return out.send(exit_message(Some(request_id), info)).await;
         }
         if let Some(report) = &self.start_failure {
             return out.send(error_message(request_id, report.clone())).await;
+        }
+        if self.extensions.is_some() {
+            // The previous invoke phase lasts until every extension is back in event/next
+            // (the host's deadline bounds the wait); an error shows in `invoke` below.
+            let _ = self.core.wait_idle().await;
         }
         let invocation = Invocation {
             request_id: inv.request_id,
@@ -594,12 +642,19 @@ impl Env {
             content_type: inv.content_type,
             payload: inv.payload,
         };
-        match self.core.invoke(invocation) {
+        let sink = streamed.then(|| {
+            let (sink, events) = rapid_api::stream_channel();
+            let fwd = tokio::spawn(forward_stream(request_id.clone(), events, out.clone()));
+            self.stream_fwd = Some(fwd);
+            sink
+        });
+        match self.core.invoke_with_stream(invocation, sink) {
             Ok(rx) => {
                 self.current = Some((request_id, rx));
                 Ok(())
             }
             Err(CoreError::InitFailed(report)) => out.send(error_message(request_id, report)).await,
+            Err(CoreError::Failed(report)) => out.send(error_message(request_id, report)).await,
             Err(e) => {
                 let report = ErrorReport::platform(
                     "Runtime.Unknown",
@@ -667,7 +722,7 @@ impl Env {
                 Message::Restored(r) => break r,
                 Message::Ping(p) => out.send(Message::Pong(Pong { seq: p.seq })).await?,
                 Message::Shutdown(s) => {
-                    self.shutdown(Duration::from_millis(s.grace_ms)).await;
+                    self.shutdown_for(&s).await;
                     return Ok(SessionEnd { reason: s.reason });
                 }
                 other => {
@@ -691,6 +746,100 @@ impl Drop for Env {
         self.core.close();
         if let Some(pgid) = self.pgid {
             runtime::signal_group(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// External extensions (the logic is in [`crate::extensions`]).
+impl Env {
+    /// Extension init failed: the runtime is never started; the host hears InitTimeout or
+    /// InitError, and later invocations get the error.
+    async fn fail_extensions(
+        &mut self,
+        e: crate::extensions::ExtensionError,
+        out: &Out,
+    ) -> Result<(), SessionError> {
+        crate::system::say(format!("extension init failed: {e}"));
+        // Kill whatever extensions run now (dropped), not at the end of the session.
+        self.extensions = None;
+        if let crate::extensions::ExtensionError::Timeout(after) = e {
+            self.init_reported = true;
+            self.start_failure = Some(e.report());
+            self.core.close();
+            let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            return out
+                .send(Message::InitTimeout(InitTimeout { after_ms }))
+                .await;
+        }
+        self.fail_start(e.report(), out).await
+    }
+
+    /// Runtime lines feed the Telemetry API only when extensions can subscribe to it.
+    fn log_tap(&self) -> Option<crate::extensions::LogTap> {
+        self.extensions.as_ref().map(|_| crate::extensions::LogTap {
+            core: self.core.clone(),
+            extension: None,
+        })
+    }
+
+    /// The host's Shutdown. With extensions, Lambda's shutdown phase: SIGTERM to the runtime,
+    /// SHUTDOWN (the host's reason) to the extensions for the grace, then SIGKILL to all.
+    async fn shutdown_for(&mut self, s: &proto::Shutdown) {
+        let grace = Duration::from_millis(s.grace_ms);
+        let Some(exts) = self.extensions.take() else {
+            return self.shutdown(grace).await;
+        };
+        let deadline = Instant::now() + grace;
+        if let (Some(pgid), None) = (self.pgid, self.exited) {
+            runtime::signal_group(pgid, libc::SIGTERM);
+        }
+        exts.shutdown(&self.core, &s.reason, deadline).await;
+        if self.exited.is_none() && self.pgid.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(info) = tokio::time::timeout(left, wait_exit(&mut self.exit)).await {
+                self.exited = Some(info);
+            }
+        }
+        // SIGKILL to the extensions' groups, then the runtime's.
+        drop(exts);
+        self.shutdown(Duration::ZERO).await;
+    }
+}
+
+/// Sends a streamed response's events to the host as StreamStart and StreamChunk frames
+/// (body pieces split at [`proto::MAX_STREAM_CHUNK_BYTES`]). Awaiting the bounded queue to
+/// the host is the backpressure that slows the runtime's upload down.
+async fn forward_stream(
+    request_id: String,
+    mut events: mpsc::Receiver<rapid_api::StreamEvent>,
+    out: Out,
+) {
+    while let Some(ev) = events.recv().await {
+        let sent = match ev {
+            rapid_api::StreamEvent::Started { content_type } => {
+                out.send(Message::StreamStart(proto::StreamStart {
+                    request_id: request_id.clone(),
+                    content_type,
+                }))
+                .await
+            }
+            rapid_api::StreamEvent::Chunk(mut body) => {
+                let mut r = Ok(());
+                while !body.is_empty() && r.is_ok() {
+                    let piece = body.split_to(body.len().min(proto::MAX_STREAM_CHUNK_BYTES));
+                    r = out
+                        .send(Message::StreamChunk(proto::StreamChunk {
+                            request_id: request_id.clone(),
+                            payload: piece,
+                        }))
+                        .await;
+                }
+                r
+            }
+        };
+        if sent.is_err() {
+            // The host is gone; the writer reads the rest of the body and drops it.
+            return;
         }
     }
 }

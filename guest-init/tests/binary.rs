@@ -95,6 +95,7 @@ done
         cognito_identity: None,
         tenant_id: None,
         content_type: "application/json".into(),
+        stream: false,
         payload: "{\"n\":1}".into(),
     };
     write_message_async(&mut s, &Message::Invoke(Box::new(invoke)))

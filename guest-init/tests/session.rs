@@ -187,6 +187,7 @@ fn invoke(request_id: &str, payload: impl Into<Bytes>) -> Message {
         cognito_identity: None,
         tenant_id: None,
         content_type: "application/json".into(),
+        stream: false,
         payload: payload.into(),
     }))
 }
@@ -523,6 +524,7 @@ async fn long_log_lines_are_cut() {
                 stream: Stream::Stdout,
                 partial,
                 line,
+                ..
             }) => Some((String::from_utf8_lossy(line).into_owned(), *partial)),
             _ => None,
         })
@@ -686,10 +688,8 @@ async fn snapshot_prepare_reconnect_restore_then_invoke() {
     let mut host = accept_host(&listener).await;
     host.handshake().await;
     let mut cfg = f.configure();
-    cfg.environment.insert(
-        "AWS_LAMBDA_INITIALIZATION_TYPE".into(),
-        "snap-start".into(),
-    );
+    cfg.environment
+        .insert("AWS_LAMBDA_INITIALIZATION_TYPE".into(), "snap-start".into());
     host.send(Message::Configure(Box::new(cfg))).await;
     assert!(matches!(host.recv().await, Message::Ready(_)));
 
@@ -726,7 +726,8 @@ async fn snapshot_prepare_reconnect_restore_then_invoke() {
             other => panic!("expected Ready after Restored, got {other:?}"),
         }
         let id = format!("after-restore-{round}");
-        host.send(invoke(&id, format!("{{\"round\":{round}}}"))).await;
+        host.send(invoke(&id, format!("{{\"round\":{round}}}")))
+            .await;
         match host.recv().await {
             Message::Response(r) => {
                 assert_eq!(r.request_id, id);
@@ -778,4 +779,233 @@ async fn accept_host(listener: &tokio::net::UnixListener) -> Host {
         dec: Decoder::new(),
         seen: Vec::new(),
     }
+}
+
+// ---- external extensions ----
+
+/// An extension in shell: registers for INVOKE and SHUTDOWN, prints every event, exits after
+/// SHUTDOWN.
+fn recorder_extension(name: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+BASE="http://$AWS_LAMBDA_RUNTIME_API/2020-01-01/extension"
+H="$TMPDIR/{name}-headers"
+curl -sf -D "$H" -o /dev/null -X POST -H 'Lambda-Extension-Name: {name}' \
+  -d '{{"events":["INVOKE","SHUTDOWN"]}}' "$BASE/register" || exit 5
+ID=$(grep -i '^lambda-extension-identifier:' "$H" | cut -d' ' -f2 | tr -d '\r')
+echo "registered $(id -u)"
+while true; do
+  EV=$(curl -sf -H "Lambda-Extension-Identifier: $ID" "$BASE/event/next") || exit 6
+  echo "event: $EV"
+  case "$EV" in *SHUTDOWN*) exit 0;; esac
+done
+"#
+    )
+}
+
+fn add_extension(f: &Fixture, name: &str, script: &str) {
+    let dir = f.task().join("extensions");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn extension_lines(host: &Host, name: &str) -> Vec<String> {
+    host.seen
+        .iter()
+        .filter_map(|m| match m {
+            Message::Log(l) if l.extension.as_deref() == Some(name) => {
+                Some(String::from_utf8_lossy(&l.line).into_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The extension registers before the runtime starts, gets each INVOKE with the request id,
+/// and the host's Shutdown reaches it as SHUTDOWN with the host's reason; its lines come
+/// tagged with its name, the runtime's untagged.
+#[tokio::test]
+async fn extension_gets_invoke_and_shutdown_events() {
+    let f = Fixture::shell(r#"echo "runtime up""#, ECHO);
+    add_extension(&f, "recorder", &recorder_extension("recorder"));
+    let (mut host, session) = start_ready(&f).await;
+    for id in ["ext-req-1", "ext-req-2"] {
+        host.send(invoke(id, "{\"x\":1}")).await;
+        match host.recv().await {
+            Message::Response(r) => {
+                assert_eq!(r.request_id, id);
+                assert_eq!(&r.payload[..], b"{\"x\":1}");
+            }
+            other => panic!("expected a Response, got {other:?}"),
+        }
+    }
+    host.send(Message::Shutdown(Shutdown {
+        reason: "failure".into(),
+        grace_ms: 2000,
+    }))
+    .await;
+    host.drain().await;
+    let end = tokio::time::timeout(WAIT, session)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(end.reason, "failure");
+    let lines = extension_lines(&host, "recorder");
+    assert!(lines[0].starts_with("registered "), "{lines:?}");
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{lines:?}");
+    for (ev, id) in events.iter().zip(["ext-req-1", "ext-req-2"]) {
+        assert_eq!(ev["eventType"], "INVOKE");
+        assert_eq!(ev["requestId"], id);
+        assert_eq!(
+            ev["invokedFunctionArn"],
+            "arn:aws:lambda:us-east-1:000000000000:function:test-fn"
+        );
+    }
+    assert_eq!(events[2]["eventType"], "SHUTDOWN");
+    assert_eq!(events[2]["shutdownReason"], "failure");
+    // Runtime lines are not tagged.
+    assert!(host
+        .logs(Stream::Stdout)
+        .contains(&"runtime up".to_string()));
+    assert!(host.seen.iter().any(|m| matches!(m,
+        Message::Log(l) if l.extension.is_none() && &l.line[..] == b"runtime up")));
+}
+
+/// More than 10 extensions: init fails with Extension.InitError and nothing runs.
+#[tokio::test]
+async fn more_than_ten_extensions_is_an_init_error() {
+    let f = Fixture::shell(r#"echo "runtime started""#, ECHO);
+    for i in 0..11 {
+        let name = format!("ext{i:02}");
+        add_extension(&f, &name, &recorder_extension(&name));
+    }
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(f.configure()))).await;
+    match host.recv().await {
+        Message::InitError(e) => {
+            assert_eq!(e.error_type, "Extension.InitError");
+            let body = String::from_utf8_lossy(&e.body);
+            assert!(body.contains("at most 10"), "{body}");
+        }
+        other => panic!("expected InitError, got {other:?}"),
+    }
+    host.send(invoke("r", "{}")).await;
+    assert!(
+        matches!(host.recv().await, Message::FunctionError(e) if e.error_type == "Extension.InitError")
+    );
+    let host = shutdown(host, session).await;
+    assert!(host.logs(Stream::Stdout).is_empty(), "{:?}", host.seen);
+}
+
+/// An extension that exits before it registers fails init with Extension.Crash; the runtime
+/// is never started.
+#[tokio::test]
+async fn extension_exiting_before_register_fails_init() {
+    let f = Fixture::shell(r#"echo "runtime started""#, ECHO);
+    add_extension(&f, "quitter", "#!/bin/sh\necho bye\nexit 1\n");
+    let (mut host, session) = start();
+    host.handshake().await;
+    host.send(Message::Configure(Box::new(f.configure()))).await;
+    match host.recv().await {
+        Message::InitError(e) => {
+            assert_eq!(e.error_type, "Extension.Crash");
+            assert!(String::from_utf8_lossy(&e.body).contains("quitter"));
+        }
+        other => panic!("expected InitError, got {other:?}"),
+    }
+    let host = shutdown(host, session).await;
+    assert!(!host
+        .logs(Stream::Stdout)
+        .contains(&"runtime started".to_string()));
+}
+
+// ---- response streaming ----
+
+/// A runtime that streams (curl's chunked POST in streaming mode): with `stream` in the
+/// Invoke the body arrives as StreamStart + StreamChunks (each at most 256 KiB) and an empty
+/// Response ends it; without, the same runtime's answer comes buffered in the Response.
+#[tokio::test]
+async fn streamed_response_arrives_as_chunks() {
+    let f = Fixture::shell(
+        "",
+        r#"curl -sf -X POST -H 'Lambda-Runtime-Function-Response-Mode: streaming' -H 'Transfer-Encoding: chunked' -H 'Content-Type: text/x-stream' --data-binary @"$EVENT" "$API/invocation/$RID/response" >/dev/null"#,
+    );
+    let (mut host, session) = start_ready(&f).await;
+    let event: Vec<u8> = (0..=255u8).cycle().take(700 * 1024).collect();
+    let mut streamed = invoke("stream-1", event.clone());
+    if let Message::Invoke(inv) = &mut streamed {
+        inv.stream = true;
+    }
+    host.send(streamed).await;
+    let mut body = Vec::new();
+    let mut started = false;
+    loop {
+        match host.recv().await {
+            Message::StreamStart(s) => {
+                assert!(!started && body.is_empty());
+                assert_eq!(s.request_id, "stream-1");
+                assert_eq!(s.content_type.as_deref(), Some("text/x-stream"));
+                started = true;
+            }
+            Message::StreamChunk(c) => {
+                assert!(started);
+                assert_eq!(c.request_id, "stream-1");
+                assert!(c.payload.len() <= proto::MAX_STREAM_CHUNK_BYTES);
+                body.extend_from_slice(&c.payload);
+            }
+            Message::Response(r) => {
+                assert_eq!(r.request_id, "stream-1");
+                assert!(r.payload.is_empty());
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(started);
+    assert_eq!(body.len(), event.len());
+    assert!(body == event);
+    // A caller that does not stream gets the same runtime's answer buffered.
+    host.send(invoke("buffered-1", "{\"b\":2}")).await;
+    match host.recv().await {
+        Message::Response(r) => {
+            assert_eq!(r.request_id, "buffered-1");
+            assert_eq!(&r.payload[..], b"{\"b\":2}");
+        }
+        other => panic!("expected a buffered Response, got {other:?}"),
+    }
+    shutdown(host, session).await;
+}
+
+/// An extension that crashes after init resets the environment: the runtime is killed, so
+/// the host sees RuntimeExit and replaces the VM (a running invocation may get
+/// Extension.Crash first).
+#[tokio::test]
+async fn extension_crash_after_init_kills_the_runtime() {
+    let f = Fixture::shell("", ECHO);
+    let crasher = recorder_extension("crasher")
+        .replace(r#"case "$EV" in *SHUTDOWN*) exit 0;; esac"#, "exit 9");
+    add_extension(&f, "crasher", &crasher);
+    let (mut host, session) = start_ready(&f).await;
+    host.send(invoke("c1", "{}")).await;
+    loop {
+        match host.recv().await {
+            Message::Response(r) => assert_eq!(r.request_id, "c1"),
+            Message::FunctionError(e) => {
+                assert_eq!(e.request_id, "c1");
+                assert_eq!(e.error_type, "Extension.Crash");
+            }
+            Message::RuntimeExit(_) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    shutdown(host, session).await;
 }

@@ -349,6 +349,9 @@ impl EnvLog {
     /// The environment was restored from a snapshot in `restore` (no Init ran).
     pub fn restored(&self, restore: Duration) {
         self.state().restore_duration = Some(restore);
+        self.store
+            .metrics
+            .record_restore_duration(&self.function, restore);
     }
 
     /// An invocation starts: writes `START`, counts a cold or warm start.

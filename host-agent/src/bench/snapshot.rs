@@ -129,6 +129,8 @@ pub struct StartRun {
     pub vmm_overhead_mib: f64,
     /// Time the VMM spent loading the working set (prefetch runs).
     pub prefetch_ms: Option<f64>,
+    /// Connections the guest dropped before it answered (see [`ping_retrying`]).
+    pub dropped_connections: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -312,6 +314,26 @@ fn wait_listening(
     }
 }
 
+/// Attempts at the first answer of a restore (see [`ping_retrying`]).
+const PING_ATTEMPTS: u32 = 5;
+/// How long one attempt may wait for the guest.
+const PING_ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
+
+/// [`ping`], again when a connection is dropped: a restored guest drops its connections when it
+/// handles the vsock transport reset the VMM sends at restore, and a connection the host made
+/// before that (the VMM forwards it at once) is dropped too. Returns the connection and the
+/// attempts that failed (reported: the answer time includes them).
+fn ping_retrying(uds: &Path) -> std::result::Result<(UnixStream, u32), String> {
+    let mut last = String::new();
+    for failed in 0..PING_ATTEMPTS {
+        match ping(uds, PING_ATTEMPT_LIMIT) {
+            Ok(s) => return Ok((s, failed)),
+            Err(e) => last = e,
+        }
+    }
+    Err(format!("{PING_ATTEMPTS} attempts: {last}"))
+}
+
 /// Connects through the VMM's hybrid vsock, sends a line and reads the guest's echo. The
 /// connection stays open (the test init powers off once it closes).
 fn ping(uds: &Path, limit: Duration) -> std::result::Result<UnixStream, String> {
@@ -339,7 +361,7 @@ fn ping(uds: &Path, limit: Duration) -> std::result::Result<UnixStream, String> 
 }
 
 /// The run's figures from the VMM's metrics at the answer.
-fn start_run(m: &Value, answer: Duration) -> std::result::Result<StartRun, String> {
+fn start_run(m: &Value, answer: Duration, retries: u32) -> std::result::Result<StartRun, String> {
     let faults = &m["page_faults"]["since_vcpus_started"];
     Ok(StartRun {
         vcpus_running_ms: m["vcpus_started_us"]
@@ -354,6 +376,7 @@ fn start_run(m: &Value, answer: Duration) -> std::result::Result<StartRun, Strin
         vmm_overhead_mib: m["memory"]["vmm_overhead_bytes"].as_u64().unwrap_or(0) as f64
             / 1048576.0,
         prefetch_ms: m["prefetch"]["took_us"].as_u64().map(|u| u as f64 / 1e3),
+        dropped_connections: retries,
     })
 }
 
@@ -443,7 +466,7 @@ impl ConfigBench<'_> {
             let answer = t0.elapsed();
             let m = vm.ask(json!({"action": "metrics"}))?;
             drop(conn);
-            start_run(&m["metrics"], answer)
+            start_run(&m["metrics"], answer, 0)
         })()
         .map_err(err)?;
         vm.shutdown();
@@ -496,6 +519,7 @@ impl ConfigBench<'_> {
         }
         let base = self.next("restore");
         let uds = base.with_extension("vsock");
+        let serial = base.with_extension("serial");
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "--restore".as_ref(),
             state.as_os_str(),
@@ -504,7 +528,7 @@ impl ConfigBench<'_> {
             "--vsock-uds".as_ref(),
             uds.as_os_str(),
             "--serial".as_ref(),
-            "none".as_ref(),
+            serial.as_os_str(),
         ];
         if let Some(p) = prefetch {
             args.extend(["--prefetch".as_ref(), p.as_os_str()]);
@@ -520,7 +544,7 @@ impl ConfigBench<'_> {
             // The vsock socket is bound while the VM is built; connecting early is fine (the
             // VMM accepts once its event loop runs).
             wait_for(&uds, &mut vm, RESTORE_LIMIT)?;
-            let conn = ping(&uds, RESTORE_LIMIT)?;
+            let (conn, retries) = ping_retrying(&uds)?;
             let answer = t0.elapsed();
             let m = vm.ask(json!({"action": "metrics"}))?;
             let ws = match record {
@@ -528,7 +552,7 @@ impl ConfigBench<'_> {
                 None => Value::Null,
             };
             drop(conn);
-            Ok::<_, String>((start_run(&m["metrics"], answer)?, ws))
+            Ok::<_, String>((start_run(&m["metrics"], answer, retries)?, ws))
         })()
         .map_err(err)?;
         vm.shutdown();
@@ -536,6 +560,7 @@ impl ConfigBench<'_> {
     }
 }
 
+/// [`bench_config_in`] in a temporary directory, kept (and named in the error) on failure.
 fn bench_config(
     setup: &Setup,
     cli: &SnapshotCli,
@@ -544,9 +569,34 @@ fn bench_config(
     progress: &dyn Fn(&str),
 ) -> Result<ConfigReport> {
     let dir = tempfile::tempdir().map_err(|e| SnapshotBenchError::Io(format!("temp dir: {e}")))?;
+    match bench_config_in(setup, cli, mem_mib, vcpus, dir.path(), progress) {
+        Ok(r) => Ok(r),
+        Err(SnapshotBenchError::Run {
+            mem_mib,
+            vcpus,
+            what,
+            msg,
+        }) => Err(SnapshotBenchError::Run {
+            mem_mib,
+            vcpus,
+            what,
+            msg: format!("{msg} (VMM logs kept in {})", dir.keep().display()),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+fn bench_config_in(
+    setup: &Setup,
+    cli: &SnapshotCli,
+    mem_mib: u32,
+    vcpus: u8,
+    dir: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<ConfigReport> {
     let mut b = ConfigBench {
         setup,
-        dir: dir.path().to_path_buf(),
+        dir: dir.to_path_buf(),
         mem_mib,
         vcpus,
         seq: 0,
@@ -562,7 +612,7 @@ fn bench_config(
     }
     progress(&format!("{mem_mib} MiB, {vcpus} vCPU(s): snapshot"));
     let (state, mem, snapshot) = b.take_snapshot()?;
-    let ws = dir.path().join("working-set.json");
+    let ws = dir.join("working-set.json");
     let (_, rec) = b.restore(&state, &mem, None, Some(&ws), cli.cold_cache)?;
     let (mut plain, mut pre) = (Vec::new(), Vec::new());
     for i in 0..runs {
@@ -745,6 +795,14 @@ pub fn render(r: &SnapshotReport) -> String {
             &c.restore_prefetch.vmm_overhead_mib,
             2,
         );
+        let dropped = |x: &Series| x.runs.iter().map(|r| r.dropped_connections).sum::<u32>();
+        let (d1, d2) = (dropped(&c.restore), dropped(&c.restore_prefetch));
+        if d1 + d2 > 0 {
+            s.push_str(&format!(
+                "connections dropped by the restored guest before it answered (retried; in the \
+                 answer times): {d1} without prefetch, {d2} with\n"
+            ));
+        }
     }
     s.push_str(&format!(
         "\n{:>5} {:>5} {:>10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>9}\n",

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use guest_init::proto::{self, Configure, Decoder, Hello, Message, Role, RunAs, RuntimeKind};
-use rapid_api::{ErrorReport, InvokeOutcome};
+use rapid_api::{ErrorReport, InvokeOutcome, StreamEvent, StreamSink};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
@@ -40,6 +40,11 @@ const RUNTIME_UID: u32 = 993;
 const RUNTIME_GID: u32 = 990;
 /// The guest CID every environment uses (each VM has its own vsock device and socket).
 const GUEST_CID: u64 = 3;
+
+/// Shutdown grace of a function with external extensions (Lambda's shutdown phase: 2 s for
+/// the runtime's SIGTERM and the extensions' SHUTDOWN); without, the runtime gets 500 ms.
+const EXTENSION_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+const PLAIN_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// What the backend needs from the host.
 #[derive(Debug, Clone)]
@@ -316,7 +321,7 @@ impl MicrovmBackend {
         f: &Arc<Function>,
     ) -> Result<(serde_json::Value, &'static str, Option<ChunkedBoot>), StartError> {
         let chunked = match &self.cfg.chunked {
-            Some(c) => Some(self.ensure_chunked(c, &f).await?),
+            Some(c) => Some(self.ensure_chunked(c, f).await?),
             None => None,
         };
         Ok(match chunked {
@@ -393,6 +398,7 @@ impl MicrovmBackend {
             decoder: Decoder::new(),
             env_dir,
             broken: false,
+            reset: None,
             log,
             pending: VecDeque::new(),
             chunked: chunked.map(|b| (b, api_sock.clone())),
@@ -500,6 +506,7 @@ impl MicrovmBackend {
             decoder: Decoder::new(),
             env_dir,
             broken: false,
+            reset: None,
             log,
             pending: VecDeque::new(),
             chunked: None,
@@ -513,7 +520,9 @@ impl MicrovmBackend {
             .map_err(StartError::Host)?;
         tokio::time::timeout(limit, super::snapshot::restored_handshake(&mut env))
             .await
-            .map_err(|_| StartError::Host(format!("the restored guest was not ready within {limit:?}")))??;
+            .map_err(|_| {
+                StartError::Host(format!("the restored guest was not ready within {limit:?}"))
+            })??;
         env.log.restored(started.elapsed());
         tracing::debug!(function = %spec.function.config.function_name, env = %env.id,
             "restored in {:.0} ms", started.elapsed().as_secs_f64() * 1000.0);
@@ -529,6 +538,9 @@ pub struct MicrovmSandbox {
     pub(super) decoder: Decoder,
     pub(super) env_dir: PathBuf,
     broken: bool,
+    /// Why a broken environment is reset when the guest still listens (`timeout`,
+    /// `failure`): its extensions get SHUTDOWN with it.
+    reset: Option<&'static str>,
     pub(super) log: Arc<EnvLog>,
     /// Frames read ahead while draining log lines, handed out by `recv` first.
     pub(super) pending: VecDeque<Message>,
@@ -558,8 +570,13 @@ impl MicrovmSandbox {
     pub(super) fn log_line(&self, l: &proto::Log) {
         let text = String::from_utf8_lossy(&l.line);
         let text = text.trim_end_matches(['\n', '\r']);
-        tracing::info!(target: "kindling::function", function = %self.function.config.function_name,
-            env = %self.id, "{}", text);
+        match &l.extension {
+            Some(ext) => tracing::info!(target: "kindling::function",
+                function = %self.function.config.function_name, env = %self.id,
+                extension = %ext, "{}", text),
+            None => tracing::info!(target: "kindling::function",
+                function = %self.function.config.function_name, env = %self.id, "{}", text),
+        }
         self.log.line(text);
     }
 
@@ -725,13 +742,27 @@ impl Sandbox for MicrovmSandbox {
     }
 
     async fn stop(mut self: Box<Self>) {
-        if !self.broken {
+        let extensions = has_extensions(&self.function).await;
+        // A broken environment is told only when it has extensions to tell (and the guest
+        // still listens); otherwise it is simply killed.
+        let reason = match (self.broken, self.reset) {
+            (false, _) => Some("spindown"),
+            (true, Some(r)) if extensions => Some(r),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let grace = if extensions {
+                EXTENSION_SHUTDOWN_GRACE
+            } else {
+                PLAIN_SHUTDOWN_GRACE
+            };
             let bye = Message::Shutdown(proto::Shutdown {
-                reason: "spindown".into(),
-                grace_ms: 500,
+                reason: reason.into(),
+                grace_ms: grace.as_millis() as u64,
             });
             if self.send(&bye).await.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+                let wait = grace + Duration::from_millis(1500);
+                let _ = tokio::time::timeout(wait, self.child.wait()).await;
             }
         }
         // Drop kills whatever is left.
@@ -752,10 +783,16 @@ impl MicrovmSandbox {
             cognito_identity: None,
             tenant_id: None,
             content_type: "application/json".into(),
+            stream: req.stream.is_some(),
             payload: req.payload.clone(),
         };
         let failed = |this: &mut Self, kind: &str, msg: String| {
             this.broken = true;
+            this.reset = match kind {
+                "Sandbox.Timedout" => Some("timeout"),
+                "Runtime.ExitError" => Some("failure"),
+                _ => None,
+            };
             InvokeOutcome::Error(ErrorReport::platform(
                 kind,
                 format!("RequestId: {} Error: {msg}", req.request_id),
@@ -780,6 +817,19 @@ impl MicrovmSandbox {
             };
             match msg {
                 Ok(Message::Log(l)) => self.log_line(&l),
+                // A streamed answer: into the caller's sink as it comes (awaiting it is the
+                // backpressure: the guest's queue fills, then the runtime's upload slows). A
+                // caller that went away does not stop the function; the body is read on.
+                Ok(Message::StreamStart(st)) if st.request_id == req.request_id => {
+                    let ev = StreamEvent::Started {
+                        content_type: st.content_type,
+                    };
+                    forward_stream(req.stream.as_ref(), ev, deadline).await;
+                }
+                Ok(Message::StreamChunk(c)) if c.request_id == req.request_id => {
+                    forward_stream(req.stream.as_ref(), StreamEvent::Chunk(c.payload), deadline)
+                        .await;
+                }
                 Ok(Message::Response(r)) if r.request_id == req.request_id => {
                     return InvokeOutcome::Response {
                         body: r.payload,
@@ -831,5 +881,24 @@ impl Drop for MicrovmSandbox {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
         super::remove_dir_in_background(std::mem::take(&mut self.env_dir));
+    }
+}
+
+/// Whether the function's code has external extensions (executables in `extensions/`, which
+/// lands at `/var/task/extensions` in the guest; see `guest_init::extensions`).
+async fn has_extensions(f: &Function) -> bool {
+    let dir = f.code_dir.join("extensions");
+    tokio::task::spawn_blocking(move || {
+        guest_init::extensions::find(&[dir]).is_ok_and(|found| !found.is_empty())
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Hands one event of a streamed response to the caller's sink, waiting at most until the
+/// invocation's deadline (the invocation loop then times it out).
+async fn forward_stream(sink: Option<&StreamSink>, ev: StreamEvent, deadline: Instant) {
+    if let Some(sink) = sink {
+        let _ = tokio::time::timeout_at(deadline.into(), sink.send(ev)).await;
     }
 }

@@ -40,8 +40,9 @@ pub const ENTROPY_BYTES: usize = 64;
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
 /// One control-socket request (a full snapshot writes all of guest memory).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
-/// From resume or restore to the guest's Ready.
-pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// From resume or restore to the guest's Ready (a guest reconnects within a second even where
+/// its kernel is emulated; past this the snapshot is given up).
+pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -247,11 +248,14 @@ impl Snapshots {
         }))
     }
 
-    /// A snapshot that cannot be used: removed, with the reason in the agent's log.
+    /// A snapshot that cannot be used: removed, with the reason in the agent's log. Its key
+    /// then boots without snapshots until the agent restarts (a snapshot that failed once
+    /// would likely fail again, and each failure costs a cold start its wait).
     pub fn discard(&self, files: &SnapshotFiles, reason: &str) {
         tracing::warn!(function = %files.function, key = %files.key,
             "snapshot cannot be used, deleted; booting instead: {reason}");
         let _ = std::fs::remove_dir_all(&files.dir);
+        self.state().failed.insert(files.key.clone());
     }
 
     /// Making `key` failed: that key boots without snapshots until the agent restarts.

@@ -39,3 +39,55 @@ pub fn boot_msrs() -> Result<Msrs, vmm_sys_util::fam::Error> {
     ];
     Msrs::from_entries(&entries)
 }
+
+/// The TSC-deadline timer's MSR (Intel SDM vol. 3, "TSC-Deadline Mode").
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Orders and fixes saved MSRs for KVM_SET_MSRS on restore:
+/// - the TSC before the TSC deadline, because KVM turns a written deadline into a timer
+///   relative to the guest TSC it has at that moment;
+/// - a deadline of 0 (no timer armed at save time: the timer had fired and its interrupt was
+///   still in flight or being handled) becomes the saved TSC, so the timer fires at once after
+///   restore. Otherwise a guest whose clockevent believes a timer is armed waits for an
+///   interrupt that never comes and all its timers stop.
+pub fn order_for_restore(msrs: &[kvm_msr_entry]) -> Vec<kvm_msr_entry> {
+    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
+    let (mut deadline, mut rest): (Vec<_>, Vec<_>) = msrs
+        .iter()
+        .copied()
+        .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+    for d in &mut deadline {
+        if d.data == 0 {
+            if let Some(t) = tsc {
+                d.data = t;
+            }
+        }
+    }
+    rest.extend(deadline);
+    rest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_deadline_follows_the_tsc_and_a_zero_deadline_fires_at_once() {
+        let saved = [e(MSR_IA32_TSC_DEADLINE, 0), e(0x1a0, 1), e(MSR_IA32_TSC, 5000)];
+        let out = order_for_restore(&saved);
+        let idx: Vec<u32> = out.iter().map(|m| m.index).collect();
+        assert_eq!(idx, vec![0x1a0, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]);
+        assert_eq!(out[2].data, 5000);
+        // An armed deadline is kept as it was.
+        let out = order_for_restore(&[e(MSR_IA32_TSC_DEADLINE, 9000), e(MSR_IA32_TSC, 5000)]);
+        assert_eq!(out[1].data, 9000);
+    }
+}
