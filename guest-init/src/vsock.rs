@@ -1,13 +1,15 @@
 //! The guest's end of the host connection: an `AF_VSOCK` stream to the host, driven by tokio.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
@@ -64,8 +66,16 @@ pub fn connect(cid: u32, port: u32, timeout: Duration) -> io::Result<OwnedFd> {
 }
 
 /// Any connected stream socket (vsock, or a Unix socket in tests) as a tokio stream.
+///
+/// A reader also watches for `EPOLLERR`: Linux's virtio-vsock driver kills connected sockets
+/// on a transport reset (as after a snapshot restore) by setting only `sk_err`, so epoll reports
+/// `EPOLLERR` without `EPOLLIN`/`EPOLLHUP`, and tokio wakes neither the read readiness slot nor
+/// (when nothing is being written) the write slot. Without the watch a reader waits forever on
+/// a dead connection.
 pub struct FdStream {
-    fd: AsyncFd<OwnedFd>,
+    fd: Arc<AsyncFd<OwnedFd>>,
+    /// Completes once the socket reports an error condition; `None` once it has.
+    error_watch: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl FdStream {
@@ -77,8 +87,51 @@ impl FdStream {
         check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
         // SAFETY: an OwnedFd keeps its descriptor open, and as_raw_fd returns that same
         // descriptor, for as long as the AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
-        Ok(FdStream { fd })
+        let fd = unsafe {
+            AsyncFd::register_with_interest(
+                fd,
+                Interest::READABLE | Interest::WRITABLE | Interest::ERROR,
+            )
+        }
+        .map_err(io::Error::from)?;
+        let fd = Arc::new(fd);
+        let watched = fd.clone();
+        let error_watch: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+            // An error from `ready` itself (runtime shutting down) also ends the watch: the
+            // read that follows then reports whatever state the socket is in.
+            let _ = watched.ready(Interest::ERROR).await;
+        });
+        Ok(FdStream {
+            fd,
+            error_watch: Some(error_watch),
+        })
+    }
+
+    /// Whether the socket has reported an error condition (polling the watch registers the
+    /// task's waker for it).
+    fn poll_errored(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.error_watch.as_mut() {
+            None => true,
+            Some(w) => {
+                if w.as_mut().poll(cx).is_ready() {
+                    self.error_watch = None;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// read(2) into `buf`.
+fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: read(2) into `buf`, which is valid for its length.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -88,20 +141,31 @@ impl AsyncRead for FdStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
         loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            let result = guard.try_io(|fd| {
-                // SAFETY: read(2) into `unfilled`, which is valid for its length.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
+            let mut guard = match this.fd.poll_read_ready(cx) {
+                Poll::Ready(g) => g?,
+                Poll::Pending => {
+                    if !this.poll_errored(cx) {
+                        return Poll::Pending;
+                    }
+                    // Error condition without read readiness: the read reports it (or EOF).
+                    let unfilled = buf.initialize_unfilled();
+                    return Poll::Ready(match read_fd(this.fd.get_ref(), unfilled) {
+                        Ok(n) => {
+                            buf.advance(n);
+                            Ok(())
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "the socket reported an error condition",
+                        )),
+                        Err(e) => Err(e),
+                    });
                 }
-            });
+            };
+            let unfilled = buf.initialize_unfilled();
+            let result = guard.try_io(|fd| read_fd(fd.get_ref(), unfilled));
             match result {
                 Ok(Ok(n)) => {
                     buf.advance(n);

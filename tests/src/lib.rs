@@ -440,11 +440,7 @@ pub fn oci_layout(dir: &Path, layers: &[Vec<LayerEntry<'_>>], config: Value) {
         "layers": layer_descs,
     });
     let (m_digest, m_size) = put(manifest.to_string().as_bytes());
-    std::fs::write(
-        dir.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let index = json!({
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",

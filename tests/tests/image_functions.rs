@@ -86,7 +86,10 @@ fn image_functions_are_checked_at_create() {
     assert_eq!(r.status, 201, "{}", r.text());
     let cfg = r.json();
     assert_eq!(cfg["PackageType"], "Image");
-    assert!(cfg.get("Runtime").is_none() && cfg.get("Handler").is_none(), "{cfg}");
+    assert!(
+        cfg.get("Runtime").is_none() && cfg.get("Handler").is_none(),
+        "{cfg}"
+    );
     assert_eq!(
         cfg["ImageConfigResponse"]["ImageConfig"],
         json!({"Command": ["h"], "WorkingDirectory": "/app"})
@@ -94,7 +97,10 @@ fn image_functions_are_checked_at_create() {
     assert_eq!(cfg["CodeSha256"].as_str().unwrap().len(), 64);
     std::fs::remove_dir_all(&good).unwrap();
     let got = agent.get("/2015-03-31/functions/img").json();
-    assert!(got["Code"]["ImageUri"].as_str().unwrap().starts_with(&agent.data_dir.display().to_string()));
+    assert!(got["Code"]["ImageUri"]
+        .as_str()
+        .unwrap()
+        .starts_with(&agent.data_dir.display().to_string()));
 
     // The process backend cannot run an image, and says so.
     let r = agent.invoke("img", b"{}");
@@ -187,14 +193,37 @@ fn oci_image_function_in_a_microvm() {
     let r = agent.create(&image_body("bare-vm", &bare, json!({"Timeout": 10})));
     assert_eq!(r.status, 201, "{}", r.text());
     let r = agent.invoke("bare-vm", b"{}");
-    assert_eq!(r.header("x-amz-function-error"), Some("Unhandled"), "{}", r.text());
-    assert_eq!(r.json()["errorType"], "Runtime.InvalidEntrypoint", "{}", r.text());
-    assert!(r.text().contains("neither an ENTRYPOINT nor a CMD"), "{}", r.text());
+    assert_eq!(
+        r.header("x-amz-function-error"),
+        Some("Unhandled"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        r.json()["errorType"],
+        "Runtime.InvalidEntrypoint",
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("neither an ENTRYPOINT nor a CMD"),
+        "{}",
+        r.text()
+    );
 
     // A provided function whose ZIP has no bootstrap: refused before any VM starts.
     let z = zip(&[("README", b"no bootstrap here", 0o644)]);
     agent.create_ok("nobootstrap", "provided.al2023", "bootstrap", &z, json!({}));
     let r = agent.invoke("nobootstrap", b"{}");
-    assert_eq!(r.json()["errorType"], "Runtime.InvalidEntrypoint", "{}", r.text());
-    assert!(r.text().contains("Couldn't find valid bootstrap"), "{}", r.text());
+    assert_eq!(
+        r.json()["errorType"],
+        "Runtime.InvalidEntrypoint",
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("Couldn't find valid bootstrap"),
+        "{}",
+        r.text()
+    );
 }

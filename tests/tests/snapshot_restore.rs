@@ -65,8 +65,6 @@ fn snapshot_dirs(agent: &Agent) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
-#[ignore = "a restored real-Linux guest does not reconnect on this emulating (kvm_pvm) host yet: \
-            see ARCHITECTURE.md, 'Snapshot cold starts'; run with --ignored where restore works"]
 fn restored_clones_serve_with_distinct_randomness() {
     if !have_kvm("snapshot restore test") {
         return;

@@ -311,15 +311,7 @@ impl Vcpu {
             .set_debug_regs(&s.debugregs)
             .map_err(err("debug registers"))?;
         self.fd.set_lapic(&s.lapic).map_err(err("lapic"))?;
-        let mut msrs = crate::cpu::msrs::order_for_restore(&s.msrs);
-        if let Some(skip) = std::env::var_os("KINDLING_DEBUG_SKIP_MSRS") {
-            let skip: Vec<u32> = skip
-                .to_string_lossy()
-                .split(',')
-                .filter_map(|x| u32::from_str_radix(x.trim_start_matches("0x"), 16).ok())
-                .collect();
-            msrs.retain(|m| !skip.contains(&m.index));
-        }
+        let msrs = crate::cpu::msrs::order_for_restore(&s.msrs);
         for batch in msrs.chunks(256) {
             let m = Msrs::from_entries(batch).map_err(VcpuError::Msrs)?;
             let set = self.fd.set_msrs(&m).map_err(err("msrs"))?;

@@ -233,9 +233,6 @@ pub fn restore_state(vm: &VmFd, s: &VmState) -> Result<(), VmError> {
     vm.set_pit2(&s.pit).map_err(restore("PIT"))?;
     let mut clock = s.clock;
     let supported = vm.check_extension_int(Cap::AdjustClock) as u32;
-    if std::env::var_os("KINDLING_DEBUG_NO_REALTIME").is_some() {
-        clock.flags &= !KVM_CLOCK_REALTIME;
-    }
     if clock.flags & KVM_CLOCK_REALTIME != 0 && supported & KVM_CLOCK_REALTIME == 0 {
         clock.flags &= !KVM_CLOCK_REALTIME;
     }

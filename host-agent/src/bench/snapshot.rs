@@ -129,8 +129,6 @@ pub struct StartRun {
     pub vmm_overhead_mib: f64,
     /// Time the VMM spent loading the working set (prefetch runs).
     pub prefetch_ms: Option<f64>,
-    /// Connections the guest dropped before it answered (see [`ping_retrying`]).
-    pub dropped_connections: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -314,26 +312,6 @@ fn wait_listening(
     }
 }
 
-/// Attempts at the first answer of a restore (see [`ping_retrying`]).
-const PING_ATTEMPTS: u32 = 5;
-/// How long one attempt may wait for the guest.
-const PING_ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
-
-/// [`ping`], again when a connection is dropped: a restored guest drops its connections when it
-/// handles the vsock transport reset the VMM sends at restore, and a connection the host made
-/// before that (the VMM forwards it at once) is dropped too. Returns the connection and the
-/// attempts that failed (reported: the answer time includes them).
-fn ping_retrying(uds: &Path) -> std::result::Result<(UnixStream, u32), String> {
-    let mut last = String::new();
-    for failed in 0..PING_ATTEMPTS {
-        match ping(uds, PING_ATTEMPT_LIMIT) {
-            Ok(s) => return Ok((s, failed)),
-            Err(e) => last = e,
-        }
-    }
-    Err(format!("{PING_ATTEMPTS} attempts: {last}"))
-}
-
 /// Connects through the VMM's hybrid vsock, sends a line and reads the guest's echo. The
 /// connection stays open (the test init powers off once it closes).
 fn ping(uds: &Path, limit: Duration) -> std::result::Result<UnixStream, String> {
@@ -361,7 +339,7 @@ fn ping(uds: &Path, limit: Duration) -> std::result::Result<UnixStream, String> 
 }
 
 /// The run's figures from the VMM's metrics at the answer.
-fn start_run(m: &Value, answer: Duration, retries: u32) -> std::result::Result<StartRun, String> {
+fn start_run(m: &Value, answer: Duration) -> std::result::Result<StartRun, String> {
     let faults = &m["page_faults"]["since_vcpus_started"];
     Ok(StartRun {
         vcpus_running_ms: m["vcpus_started_us"]
@@ -376,7 +354,6 @@ fn start_run(m: &Value, answer: Duration, retries: u32) -> std::result::Result<S
         vmm_overhead_mib: m["memory"]["vmm_overhead_bytes"].as_u64().unwrap_or(0) as f64
             / 1048576.0,
         prefetch_ms: m["prefetch"]["took_us"].as_u64().map(|u| u as f64 / 1e3),
-        dropped_connections: retries,
     })
 }
 
@@ -466,7 +443,7 @@ impl ConfigBench<'_> {
             let answer = t0.elapsed();
             let m = vm.ask(json!({"action": "metrics"}))?;
             drop(conn);
-            start_run(&m["metrics"], answer, 0)
+            start_run(&m["metrics"], answer)
         })()
         .map_err(err)?;
         vm.shutdown();
@@ -544,7 +521,7 @@ impl ConfigBench<'_> {
             // The vsock socket is bound while the VM is built; connecting early is fine (the
             // VMM accepts once its event loop runs).
             wait_for(&uds, &mut vm, RESTORE_LIMIT)?;
-            let (conn, retries) = ping_retrying(&uds)?;
+            let conn = ping(&uds, RESTORE_LIMIT)?;
             let answer = t0.elapsed();
             let m = vm.ask(json!({"action": "metrics"}))?;
             let ws = match record {
@@ -552,7 +529,7 @@ impl ConfigBench<'_> {
                 None => Value::Null,
             };
             drop(conn);
-            Ok::<_, String>((start_run(&m["metrics"], answer, retries)?, ws))
+            Ok::<_, String>((start_run(&m["metrics"], answer)?, ws))
         })()
         .map_err(err)?;
         vm.shutdown();
@@ -795,14 +772,6 @@ pub fn render(r: &SnapshotReport) -> String {
             &c.restore_prefetch.vmm_overhead_mib,
             2,
         );
-        let dropped = |x: &Series| x.runs.iter().map(|r| r.dropped_connections).sum::<u32>();
-        let (d1, d2) = (dropped(&c.restore), dropped(&c.restore_prefetch));
-        if d1 + d2 > 0 {
-            s.push_str(&format!(
-                "connections dropped by the restored guest before it answered (retried; in the \
-                 answer times): {d1} without prefetch, {d2} with\n"
-            ));
-        }
     }
     s.push_str(&format!(
         "\n{:>5} {:>5} {:>10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>9}\n",

@@ -344,9 +344,7 @@ impl Common {
                  value between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"
             )));
         }
-        let variables = environment
-            .and_then(|e| e.variables)
-            .unwrap_or_default();
+        let variables = environment.and_then(|e| e.variables).unwrap_or_default();
         let reserved: Vec<&str> = variables
             .keys()
             .filter(|k| RESERVED_ENV.contains(&k.as_str()))

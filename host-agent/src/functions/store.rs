@@ -284,7 +284,11 @@ fn store_image(uri: &str, code: &Path) -> Result<(u64, String), RegistryError> {
         let index = fs::read(src.join("index.json"))
             .map_err(|e| bad(format!("index.json: {e} (not an OCI layout directory)")))?;
         let size = copy_tree(src, code)?;
-        (code.to_path_buf(), size, format!("{:x}", Sha256::digest(&index)))
+        (
+            code.to_path_buf(),
+            size,
+            format!("{:x}", Sha256::digest(&index)),
+        )
     } else if meta.is_file() {
         fs::create_dir_all(code)?;
         let dest = code.join(IMAGE_TAR);

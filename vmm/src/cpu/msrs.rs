@@ -51,7 +51,10 @@ pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 ///   restore. Otherwise a guest whose clockevent believes a timer is armed waits for an
 ///   interrupt that never comes and all its timers stop.
 pub fn order_for_restore(msrs: &[kvm_msr_entry]) -> Vec<kvm_msr_entry> {
-    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
+    let tsc = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data);
     let (mut deadline, mut rest): (Vec<_>, Vec<_>) = msrs
         .iter()
         .copied()
@@ -81,7 +84,11 @@ mod tests {
 
     #[test]
     fn the_deadline_follows_the_tsc_and_a_zero_deadline_fires_at_once() {
-        let saved = [e(MSR_IA32_TSC_DEADLINE, 0), e(0x1a0, 1), e(MSR_IA32_TSC, 5000)];
+        let saved = [
+            e(MSR_IA32_TSC_DEADLINE, 0),
+            e(0x1a0, 1),
+            e(MSR_IA32_TSC, 5000),
+        ];
         let out = order_for_restore(&saved);
         let idx: Vec<u32> = out.iter().map(|m| m.index).collect();
         assert_eq!(idx, vec![0x1a0, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]);

@@ -109,6 +109,11 @@ pub struct Vsock {
     active: Option<Active>,
     muxer: Muxer,
     pending_reset_event: bool,
+    /// Set by a transport reset until the driver has handled the event: it re-offers the
+    /// event buffer (an event queue kick) only after dropping its sockets, and a host
+    /// connection forwarded before that would be dropped with them. Host clients wait in the
+    /// listen backlog meanwhile.
+    awaiting_reset_ack: bool,
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -161,6 +166,7 @@ impl Vsock {
             active: None,
             muxer: Muxer::new(cfg.guest_cid, cfg.uds_path.clone(), listener),
             pending_reset_event: false,
+            awaiting_reset_ack: false,
         })
     }
 
@@ -182,6 +188,7 @@ impl Vsock {
         }
         self.muxer.reset_all();
         self.pending_reset_event = true;
+        self.awaiting_reset_ack = true;
         self.process_evq();
         self.wake();
         Ok(())
@@ -418,7 +425,7 @@ impl Vsock {
 
     /// Epoll registrations and the housekeeping timer, after every event.
     fn sync(&mut self, ops: &mut EventOps) {
-        let listen = self.usable().is_some();
+        let listen = self.usable().is_some() && !self.awaiting_reset_ack;
         self.muxer.sync(ops, listen);
         let need = self.muxer.needs_timer();
         if need != self.timer_armed {
@@ -546,6 +553,7 @@ impl VirtioDevice for Vsock {
         }
         self.muxer.reset_all();
         self.pending_reset_event = false;
+        self.awaiting_reset_ack = false;
         self.active = Some(Active {
             mem,
             queues,
@@ -561,6 +569,7 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.acked_features = 0;
         self.pending_reset_event = false;
+        self.awaiting_reset_ack = false;
         self.muxer.reset_all();
         self.wake();
     }
@@ -617,6 +626,10 @@ impl MutEventSubscriber for Vsock {
             self.process_tx();
         } else if fd == self.queue_evts[EVQ].as_raw_fd() {
             drain_evt(&self.queue_evts[EVQ]);
+            // A kick once the reset event is out is the driver re-offering its buffer.
+            if !self.pending_reset_event {
+                self.awaiting_reset_ack = false;
+            }
             self.process_evq();
         } else if fd == self.control_evt.as_raw_fd() {
             drain_evt(&self.control_evt);

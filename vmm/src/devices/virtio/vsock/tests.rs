@@ -849,6 +849,31 @@ fn transport_reset_event() {
 }
 
 #[test]
+fn host_connections_wait_for_the_guest_to_handle_a_transport_reset() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.post_rx(4);
+    h.ev.set_descs(0, &[(EV_BUF, 8, W, 0)]);
+    h.ev.push_avail(&[0]);
+    h.dev.lock().unwrap().send_transport_reset().unwrap();
+    h.pump();
+    assert_eq!(h.ev.used_elem(0), (0, 4), "the event is delivered at once");
+    // A host client connecting now is not forwarded: the guest would drop it with the
+    // sockets the event resets.
+    let mut c = UnixStream::connect(&h.uds).unwrap();
+    c.write_all(b"CONNECT 33\n").unwrap();
+    h.pump();
+    h.assert_no_rx();
+    // The driver handled the event and re-offers the buffer: the request goes out.
+    h.ev.set_descs(1, &[(EV_BUF, 8, W, 0)]);
+    h.ev.push_avail(&[1]);
+    h.kick(2);
+    h.pump();
+    let (p, _) = h.one_rx();
+    assert_eq!((p.op, p.dst_port), (OP_REQUEST, 33));
+}
+
+#[test]
 fn a_broken_ring_marks_the_device_and_a_reset_recovers() {
     let mem = test_mem();
     let mut h = Harness::new(&mem);
