@@ -120,6 +120,30 @@ fn restored_clones_serve_with_distinct_randomness() {
     unique.dedup();
     assert_eq!(unique.len(), randoms.len(), "{randoms:?}");
 
+    // The first restored clone recorded the pages it touched up to its first answer; the
+    // next restore loads them before its vCPU starts (and still answers, with its own
+    // entropy).
+    let ws = snaps[0].join("working-set.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ws.is_file() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let set: Value = serde_json::from_slice(&std::fs::read(&ws).expect("working set"))
+        .expect("working set JSON");
+    assert!(set.is_object(), "{set}");
+    for (i, r) in concurrent(&agent, 4, 2000).iter().enumerate() {
+        randoms.push(random_of(&agent, r, Some(i)));
+    }
+    let restored = reports(&agent)
+        .iter()
+        .filter(|l| l.contains("\tRestore Duration: "))
+        .count();
+    assert_eq!(restored, 3, "{:?}\n{}", reports(&agent), agent.log());
+    let mut unique = randoms.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), randoms.len(), "{randoms:?}");
+
     // A corrupted snapshot: the next cold start cannot use it, deletes it, says why in the
     // agent's log and boots (that revision then boots until the agent restarts).
     let state = snaps[0].join("state");
@@ -129,7 +153,7 @@ fn restored_clones_serve_with_distinct_randomness() {
         *b ^= 0xff;
     }
     std::fs::write(&state, &bytes).unwrap();
-    for (i, r) in concurrent(&agent, 4, 2000).iter().enumerate() {
+    for (i, r) in concurrent(&agent, 5, 2000).iter().enumerate() {
         random_of(&agent, r, Some(i));
     }
     let log = agent.log();

@@ -402,6 +402,7 @@ impl MicrovmBackend {
             log,
             pending: VecDeque::new(),
             chunked: chunked.map(|b| (b, api_sock.clone())),
+            working_set: None,
         };
         let boot_start = Instant::now();
 
@@ -474,7 +475,15 @@ impl MicrovmBackend {
         let uds = env_dir.join("v.sock");
         let listener = UnixListener::bind(format!("{}_{}", uds.display(), proto::HOST_PORT))
             .map_err(|e| StartError::Host(format!("vsock listener: {e}")))?;
+        // The working set of an earlier clone, when there is one, is loaded before the vCPUs
+        // start; otherwise this clone records it after its first invocation.
+        let api_sock = env_dir.join("api.sock");
+        let prefetch = files.working_set().is_file();
         let mut cmd = Command::new(&self.cfg.vmm);
+        cmd.arg("--api-sock").arg(&api_sock);
+        if prefetch {
+            cmd.arg("--prefetch").arg(files.working_set());
+        }
         cmd.arg("--restore")
             .arg(files.state())
             .arg("--mem")
@@ -510,6 +519,7 @@ impl MicrovmBackend {
             log,
             pending: VecDeque::new(),
             chunked: None,
+            working_set: (!prefetch).then(|| (api_sock.clone(), files.working_set())),
         };
         let limit = self
             .cfg
@@ -547,6 +557,9 @@ pub struct MicrovmSandbox {
     /// Chunked image and the VMM's control socket, until the first invocation records
     /// which chunks the VM fetched.
     chunked: Option<(ChunkedBoot, PathBuf)>,
+    /// A restored clone's control socket and where to keep the snapshot's working set,
+    /// until its first invocation has recorded it (only when the snapshot has none yet).
+    working_set: Option<(PathBuf, PathBuf)>,
 }
 
 impl MicrovmSandbox {
@@ -721,6 +734,16 @@ impl Sandbox for MicrovmSandbox {
             timeout: Duration::from_secs(u64::from(self.function.config.timeout)),
             max_memory_mb: None,
         });
+        if let Some((api_sock, dest)) = self.working_set.take() {
+            tokio::spawn(async move {
+                match super::snapshot::record_working_set(&api_sock, &dest).await {
+                    Ok(()) => {
+                        tracing::info!(path = %dest.display(), "snapshot working set recorded")
+                    }
+                    Err(e) => tracing::warn!("cannot record the snapshot's working set: {e}"),
+                }
+            });
+        }
         if let Some((boot, api_sock)) = self.chunked.take() {
             // The cold start has answered: what the VM fetched up to now is its boot and
             // first invocation, the next cold start's prefetch list.

@@ -104,6 +104,25 @@ impl SnapshotFiles {
     pub fn meta(&self) -> PathBuf {
         self.dir.join("meta.json")
     }
+    /// The guest pages the first restored clone touched up to the end of its first
+    /// invocation (the VMM's `working_set` file): later restores prefetch them.
+    pub fn working_set(&self) -> PathBuf {
+        self.dir.join("working-set.json")
+    }
+}
+
+/// Asks a restored VMM for the pages its guest touched since the restore and keeps them as
+/// the snapshot's working set (written to a temporary name, then renamed: a restore never
+/// sees half a file). The first restored clone does this after its first invocation.
+pub(super) async fn record_working_set(api_sock: &Path, dest: &Path) -> Result<(), SnapshotError> {
+    let tmp = dest.with_extension(format!("tmp-{}", std::process::id()));
+    control(
+        api_sock,
+        json!({"action": "working_set", "path": tmp.display().to_string()}),
+    )
+    .await?;
+    std::fs::rename(&tmp, dest)
+        .map_err(|e| SnapshotError::Control(format!("{}: {e}", dest.display())))
 }
 
 /// What a cold start does with snapshots.
