@@ -26,6 +26,9 @@ ensure_system_packages() {
     command -v debootstrap >/dev/null || need+=(debootstrap)
     # L2 of the chunked image cache: the tests start their own memcached instances.
     command -v memcached >/dev/null || need+=(memcached)
+    # openssl-sys (async-memcached depends on toxiproxy_rust -> reqwest 0.11 -> native-tls).
+    command -v pkg-config >/dev/null || need+=(pkg-config)
+    [ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
     [ ${#need[@]} -eq 0 ] && return
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "==> installing ${need[*]}" >&2
