@@ -45,6 +45,29 @@ pub fn have_kvm(what: &str) -> bool {
     }
 }
 
+/// A static binary of this workspace for microVM guests (built on first use into
+/// `target/static`, then cached).
+pub fn static_bin(package: &str, bin: &str) -> PathBuf {
+    rootfs::static_bin::build(package, bin).unwrap_or_else(|e| panic!("static {bin}: {e}"))
+}
+
+/// An agent on the microvm backend with the workspace's static guest-init and an init limit
+/// of 120 s (the agent raises it further where the host emulates guest kernel code).
+pub fn microvm_agent() -> Agent {
+    let guest_init = static_bin("guest-init", "guest-init");
+    Agent::start_with(AgentOptions {
+        extra_args: vec![
+            "--backend".into(),
+            "microvm".into(),
+            "--guest-init".into(),
+            guest_init.display().to_string(),
+            "--init-timeout".into(),
+            "120".into(),
+        ],
+        ..Default::default()
+    })
+}
+
 /// The Python interpreter with awslambdaric: `$KINDLING_PYTHON`, else the repo's `.venv`.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("KINDLING_PYTHON") {

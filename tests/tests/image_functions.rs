@@ -2,7 +2,7 @@
 //! registered through CreateFunction, checked at create time, and (where /dev/kvm works)
 //! boots in a microVM with the image's ENTRYPOINT, ENV and WORKDIR, whiteouts applied.
 
-use kindling_tests::{have_kvm, oci_layout, zip, Agent, AgentOptions, LayerEntry};
+use kindling_tests::{have_kvm, microvm_agent, oci_layout, static_bin, zip, Agent, LayerEntry};
 use serde_json::{json, Value};
 
 fn image_body(name: &str, uri: &std::path::Path, extra: Value) -> Value {
@@ -116,21 +116,9 @@ fn oci_image_function_in_a_microvm() {
     if !have_kvm("microVM image test") {
         return;
     }
-    let guest_init =
-        rootfs::static_bin::build("guest-init", "guest-init").expect("static guest-init");
-    let echo = rootfs::static_bin::build("echo-rust", "echo-rust").expect("static echo-rust");
+    let echo = static_bin("echo-rust", "echo-rust");
     let echo = std::fs::read(echo).unwrap();
-    let agent = Agent::start_with(AgentOptions {
-        extra_args: vec![
-            "--backend".into(),
-            "microvm".into(),
-            "--guest-init".into(),
-            guest_init.display().to_string(),
-            "--init-timeout".into(),
-            "120".into(),
-        ],
-        ..Default::default()
-    });
+    let agent = microvm_agent();
     let t = tempfile::tempdir().unwrap();
     let layout = t.path().join("layout");
     oci_layout(

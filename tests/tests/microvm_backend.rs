@@ -8,7 +8,7 @@
 //! environment where Lambda would.
 
 use base64::Engine as _;
-use kindling_tests::{have_kvm, zip, Agent, AgentOptions};
+use kindling_tests::{have_kvm, microvm_agent, static_bin, zip, Agent, AgentOptions};
 use serde_json::json;
 
 #[test]
@@ -16,20 +16,8 @@ fn lambda_runtime_function_in_a_microvm() {
     if !have_kvm("microvm backend test") {
         return;
     }
-    let guest_init =
-        rootfs::static_bin::build("guest-init", "guest-init").expect("static guest-init");
-    let bootstrap = rootfs::static_bin::build("echo-rust", "echo-rust").expect("static echo-rust");
-    let agent = Agent::start_with(AgentOptions {
-        extra_args: vec![
-            "--backend".into(),
-            "microvm".into(),
-            "--guest-init".into(),
-            guest_init.display().to_string(),
-            "--init-timeout".into(),
-            "120".into(),
-        ],
-        ..Default::default()
-    });
+    let bootstrap = static_bin("echo-rust", "echo-rust");
+    let agent = microvm_agent();
     let code = std::fs::read(&bootstrap).unwrap();
     let z = zip(&[("bootstrap", &code, 0o755)]);
     agent.create_ok(

@@ -9,7 +9,7 @@
 //! one boot (~10-15 s) at the start and one for the corrupted snapshot; restores are much
 //! quicker because the guest kernel is already up.
 
-use kindling_tests::{have_kvm, zip, Agent, AgentOptions, Response};
+use kindling_tests::{have_kvm, microvm_agent, static_bin, zip, Agent, Response};
 use serde_json::{json, Value};
 
 const NAME: &str = "echo-snap";
@@ -69,20 +69,8 @@ fn restored_clones_serve_with_distinct_randomness() {
     if !have_kvm("snapshot restore test") {
         return;
     }
-    let guest_init =
-        rootfs::static_bin::build("guest-init", "guest-init").expect("static guest-init");
-    let bootstrap = rootfs::static_bin::build("echo-rust", "echo-rust").expect("static echo-rust");
-    let agent = Agent::start_with(AgentOptions {
-        extra_args: vec![
-            "--backend".into(),
-            "microvm".into(),
-            "--guest-init".into(),
-            guest_init.display().to_string(),
-            "--init-timeout".into(),
-            "120".into(),
-        ],
-        ..Default::default()
-    });
+    let bootstrap = static_bin("echo-rust", "echo-rust");
+    let agent = microvm_agent();
     let code = std::fs::read(&bootstrap).unwrap();
     agent.create_ok(
         NAME,
@@ -178,20 +166,8 @@ fn unusable_snapshot_falls_back_to_boot() {
     if !have_kvm("snapshot fallback test") {
         return;
     }
-    let guest_init =
-        rootfs::static_bin::build("guest-init", "guest-init").expect("static guest-init");
-    let bootstrap = rootfs::static_bin::build("echo-rust", "echo-rust").expect("static echo-rust");
-    let agent = Agent::start_with(AgentOptions {
-        extra_args: vec![
-            "--backend".into(),
-            "microvm".into(),
-            "--guest-init".into(),
-            guest_init.display().to_string(),
-            "--init-timeout".into(),
-            "120".into(),
-        ],
-        ..Default::default()
-    });
+    let bootstrap = static_bin("echo-rust", "echo-rust");
+    let agent = microvm_agent();
     let code = std::fs::read(&bootstrap).unwrap();
     agent.create_ok(
         NAME,

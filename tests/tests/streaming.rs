@@ -8,7 +8,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use kindling_tests::{python, workspace_bin, zip, Agent, AgentOptions};
+use kindling_tests::{microvm_agent, python, workspace_bin, zip, Agent, AgentOptions};
 use serde_json::{json, Value};
 
 const MIB: usize = 1024 * 1024;
@@ -348,21 +348,9 @@ fn a_stream_from_a_microvm_arrives_as_chunks() {
     if !kindling_tests::have_kvm("microvm streaming test") {
         return;
     }
-    let guest_init =
-        rootfs::static_bin::build("guest-init", "guest-init").expect("static guest-init");
     let bin = rootfs::static_bin::build("echo-rust", "echo-rust-streaming")
         .expect("static echo-rust-streaming");
-    let agent = Agent::start_with(AgentOptions {
-        extra_args: vec![
-            "--backend".into(),
-            "microvm".into(),
-            "--guest-init".into(),
-            guest_init.display().to_string(),
-            "--init-timeout".into(),
-            "120".into(),
-        ],
-        ..Default::default()
-    });
+    let agent = microvm_agent();
     let code = std::fs::read(&bin).unwrap();
     agent.create_ok(
         "stream-vm",
