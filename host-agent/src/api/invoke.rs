@@ -21,8 +21,17 @@ pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
 /// Largest `X-Amz-Client-Context` header (base64).
 const MAX_CLIENT_CONTEXT: usize = 3583;
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(super) fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The answer, success or error, with Lambda's request id header.
+pub(super) fn with_request_id(request_id: &str, result: Result<Response, LambdaError>) -> Response {
+    let mut res = result.unwrap_or_else(IntoResponse::into_response);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        res.headers_mut().insert("x-amzn-requestid", v);
+    }
+    res
 }
 
 pub async fn invoke(
@@ -33,14 +42,8 @@ pub async fn invoke(
     body: Body,
 ) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
-    let mut res = match handle(state, &name, &q, &headers, body, &request_id).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        res.headers_mut().insert("x-amzn-requestid", v);
-    }
-    res
+    let result = handle(state, &name, &q, &headers, body, &request_id).await;
+    with_request_id(&request_id, result)
 }
 
 async fn handle(

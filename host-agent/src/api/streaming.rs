@@ -22,17 +22,13 @@ use tokio::task::JoinHandle;
 
 use super::eventstream::{self, Completion};
 use super::functions::lookup;
-use super::invoke::{decode_client_context, new_trace_id, read_payload};
+use super::invoke::{decode_client_context, header, new_trace_id, read_payload, with_request_id};
 use super::{LambdaError, SharedState};
 use crate::logs::TailRequest;
 use crate::pool::PoolError;
 use crate::sandbox::{InvokeRequest, StartError};
 
 type Invocation = JoinHandle<Result<InvokeOutcome, PoolError>>;
-
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
-}
 
 pub async fn invoke_stream(
     State(state): State<SharedState>,
@@ -42,14 +38,8 @@ pub async fn invoke_stream(
     body: Body,
 ) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
-    let mut res = match handle(state, &name, &q, &headers, body, &request_id).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        res.headers_mut().insert("x-amzn-requestid", v);
-    }
-    res
+    let result = handle(state, &name, &q, &headers, body, &request_id).await;
+    with_request_id(&request_id, result)
 }
 
 async fn handle(
