@@ -17,7 +17,7 @@
 //! after Init instead of booting (see `super::snapshot`).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -377,18 +377,7 @@ impl MicrovmBackend {
         if chunked.is_some() || snap_start {
             cmd.arg("--api-sock").arg(&api_sock);
         }
-        cmd.env("KINDLING_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(env_dir.join("vmm.log"))
-                    .map_err(|e| StartError::Host(e.to_string()))?,
-            ))
-            .kill_on_drop(true);
-        super::own_group_dying_with_agent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|e| StartError::Host(format!("spawning {}: {e}", self.cfg.vmm.display())))?;
+        let child = self.spawn_vmm(cmd, &env_dir)?;
         let log = self.env_log(spec, &id)?;
         let mut env = MicrovmSandbox {
             id: id.clone(),
@@ -454,6 +443,21 @@ impl MicrovmBackend {
             .map_err(|e| StartError::Host(e.to_string()))
     }
 
+    /// Spawns a VMM (boot or restore) the way every environment runs one: warnings only,
+    /// its log in `<env>/vmm.log`, its own process group dying with the agent, killed on drop.
+    fn spawn_vmm(&self, mut cmd: Command, env_dir: &Path) -> Result<Child, StartError> {
+        let log = std::fs::File::create(env_dir.join("vmm.log"))
+            .map_err(|e| StartError::Host(e.to_string()))?;
+        cmd.env("KINDLING_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        super::own_group_dying_with_agent(&mut cmd);
+        cmd.spawn()
+            .map_err(|e| StartError::Host(format!("spawning {}: {e}", self.cfg.vmm.display())))
+    }
+
     /// A cold start from a snapshot: `kindling-vmm --restore` with this environment's own
     /// vsock socket and serial file, the guest's reconnection, Restored, Ready. A
     /// `StartError::Host` means the snapshot could not be used (its reason says why).
@@ -493,19 +497,8 @@ impl MicrovmBackend {
             .arg("--serial")
             .arg(env_dir.join("serial.log"))
             .arg("--block-path")
-            .arg(files.rootfs())
-            .env("KINDLING_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(env_dir.join("vmm.log"))
-                    .map_err(|e| StartError::Host(e.to_string()))?,
-            ))
-            .kill_on_drop(true);
-        super::own_group_dying_with_agent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|e| StartError::Host(format!("spawning {}: {e}", self.cfg.vmm.display())))?;
+            .arg(files.rootfs());
+        let child = self.spawn_vmm(cmd, &env_dir)?;
         let log = self.env_log(spec, &id)?;
         let mut env = MicrovmSandbox {
             id,
