@@ -98,20 +98,46 @@ fn stat(values: impl Iterator<Item = f64>) -> Stat {
     }
 }
 
+/// `kindling-vmm`: the one given on the command line, else the one beside this executable.
+pub(crate) fn vmm_binary(explicit: Option<&PathBuf>) -> Result<PathBuf, String> {
+    explicit
+        .cloned()
+        .or_else(|| crate::sibling_binary("kindling-vmm"))
+        .ok_or_else(|| {
+            "kindling-vmm not found beside kindling: build the workspace or pass --vmm".into()
+        })
+}
+
+/// Reads a child agent's stdout on a thread of its own (so a hung agent cannot hang a
+/// benchmark past its limit): the receiver gets the address once the agent prints
+/// `kindling: listening on ADDR`, and the rest is drained so the agent never blocks on a
+/// full pipe.
+pub(crate) fn listen_url(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            if !sent {
+                if let Some(u) = line.strip_prefix("kindling: listening on ") {
+                    let _ = tx.send(u.trim().to_string());
+                    sent = true;
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// Runs the boot benchmark; `progress` is told after each run.
 pub fn boot(
     args: &BootBenchArgs,
     mut progress: impl FnMut(usize),
 ) -> Result<BootReport, BenchError> {
-    let vmm = args
-        .vmm
-        .clone()
-        .or_else(|| crate::sibling_binary("kindling-vmm"))
-        .ok_or_else(|| {
-            BenchError::Io(
-                "kindling-vmm not found beside kindling: build the workspace or pass --vmm".into(),
-            )
-        })?;
+    let vmm = vmm_binary(args.vmm.as_ref()).map_err(BenchError::Io)?;
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
         None => rootfs::ensure_kernel(rootfs::KernelOptions {

@@ -7,7 +7,6 @@
 //! runs get the first run's prefetch list (the chunk order its VM fetched). Then the dedup
 //! ratio of two python3.11 functions' images sharing the base, pushed into one store.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -141,18 +140,7 @@ impl Agent {
             .stdout
             .take()
             .ok_or_else(|| ImageBenchError::Agent("no stdout pipe".into()))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if !sent {
-                    if let Some(u) = line.strip_prefix("kindling: listening on ") {
-                        let _ = tx.send(u.trim().to_string());
-                        sent = true;
-                    }
-                }
-            }
-        });
+        let rx = super::listen_url(stdout);
         match rx.recv_timeout(COLD_LIMIT) {
             Ok(url) => Ok(Agent {
                 child,

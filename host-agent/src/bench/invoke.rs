@@ -8,7 +8,6 @@
 //! gets `--concurrency C` so that it, too, runs C instances instead of queueing requests
 //! behind one.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -816,21 +815,7 @@ impl Agent {
             stop_child(&mut child, false);
             return Err(InvokeBenchError::Kindling("no stdout pipe".into()));
         };
-        // The agent prints its address once it listens; read it off the main thread so a
-        // hung agent cannot hang the benchmark past the limit.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if !sent {
-                    if let Some(u) = line.strip_prefix("kindling: listening on ") {
-                        let _ = tx.send(u.trim().to_string());
-                        sent = true;
-                    }
-                }
-                // Keep draining so the agent never blocks on a full pipe.
-            }
-        });
+        let rx = super::listen_url(stdout);
         match rx.recv_timeout(limit) {
             Ok(url) => Ok(Agent {
                 pid: child.id(),

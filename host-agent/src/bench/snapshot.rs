@@ -625,15 +625,7 @@ fn bench_config_in(
 
 /// Runs the benchmark; `progress` is told what runs next.
 pub fn run(cli: &SnapshotCli, progress: &dyn Fn(&str)) -> Result<SnapshotReport> {
-    let vmm = cli
-        .vmm
-        .clone()
-        .or_else(|| crate::sibling_binary("kindling-vmm"))
-        .ok_or_else(|| {
-            SnapshotBenchError::Io(
-                "kindling-vmm not found beside kindling: build the workspace or pass --vmm".into(),
-            )
-        })?;
+    let vmm = super::vmm_binary(cli.vmm.as_ref()).map_err(SnapshotBenchError::Io)?;
     let kernel = match &cli.kernel {
         Some(k) => k.clone(),
         None => rootfs::ensure_kernel(rootfs::KernelOptions::default())?,
