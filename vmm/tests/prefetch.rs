@@ -3,55 +3,14 @@
 //! what the guest touched (`working_set`), a second restore loads that set with `--prefetch`,
 //! and the page faults the VMM takes once its vCPUs run must be fewer (counts, not times).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-
-fn vmm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_kindling-vmm"))
-}
-
-fn have_kvm() -> bool {
-    match vmm::host::kvm_usable() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm is not usable here ({e}); these tests need KVM");
-            false
-        }
-    }
-}
-
-/// Assembles `asm` (AT&T syntax, 64-bit) into an ELF loaded at 16 MiB.
-fn guest_elf(dir: &Path, asm: &str) -> PathBuf {
-    let (src, obj, elf) = (dir.join("g.S"), dir.join("g.o"), dir.join("g.elf"));
-    std::fs::write(&src, format!(".code64\n.globl _start\n_start:\n{asm}\n")).unwrap();
-    assert!(Command::new("as")
-        .arg("-o")
-        .arg(&obj)
-        .arg(&src)
-        .status()
-        .expect("binutils `as`")
-        .success());
-    assert!(Command::new("ld")
-        .args([
-            "-static",
-            "-nostdlib",
-            "-Ttext=0x1000000",
-            "-e",
-            "_start",
-            "-o"
-        ])
-        .arg(&elf)
-        .arg(&obj)
-        .status()
-        .expect("binutils `ld`")
-        .success());
-    elf
-}
 
 /// Fills 512 pages at 4 MiB once, then forever: reads each even page, increments a word in
 /// each odd page, counts passes at 0x300000 and reports each on port 0x80 (an I/O exit the
@@ -74,69 +33,6 @@ const TOUCHER: &str = r#"
 "#;
 const PASSES_AT: usize = 0x300000;
 const TOUCHED_PAGES: u64 = 512;
-
-struct Vm {
-    child: std::process::Child,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Vm {
-    fn spawn(args: &[&str], sock: &Path) -> Vm {
-        let child = Command::new(vmm_bin())
-            .args(args)
-            .arg("--api-sock")
-            .arg(sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(20) => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("control socket never appeared: {e}"),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        Vm {
-            child,
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-
-    fn ok(&mut self, req: Value) -> Value {
-        self.writer.write_all(req.to_string().as_bytes()).unwrap();
-        self.writer.write_all(b"\n").unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        let a: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        assert_eq!(a["ok"], true, "{req} -> {a}");
-        a
-    }
-
-    fn shutdown(mut self) -> String {
-        self.ok(json!({"action": "shutdown"}));
-        let start = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "VMM did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = self.child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(out.status.code(), Some(0), "{stderr}");
-        stderr
-    }
-}
 
 fn passes(mem: &Path) -> u64 {
     let m = std::fs::read(mem).unwrap();
@@ -202,7 +98,7 @@ fn working_set_prefetch_cuts_faults_after_restore() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n);
-    let elf = guest_elf(dir.path(), TOUCHER);
+    let elf = guest_elf(dir.path(), "toucher", TOUCHER);
     std::fs::write(
         d("cfg.json"),
         format!(r#"{{"kernel": "{}", "mem_mib": 32}}"#, elf.display()),
@@ -267,7 +163,7 @@ fn bad_prefetch_files_and_usage_are_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n);
-    let elf = guest_elf(dir.path(), "1: pause\n jmp 1b\n");
+    let elf = guest_elf(dir.path(), "spin", "1: pause\n jmp 1b\n");
     std::fs::write(
         d("cfg.json"),
         format!(r#"{{"kernel": "{}", "mem_mib": 32}}"#, elf.display()),

@@ -3,57 +3,16 @@
 //! control socket, and the report of an emulation failure. No Linux kernel needed; each test
 //! takes milliseconds even on an emulating host.
 
+mod common;
+
+use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn vmm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_kindling-vmm"))
-}
-
-fn have_kvm() -> bool {
-    match vmm::host::kvm_usable() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm is not usable here ({e}); these tests need KVM");
-            false
-        }
-    }
-}
-
-/// Assembles `asm` (AT&T syntax, 64-bit) into an ELF loaded at 16 MiB.
-fn guest_elf(dir: &Path, name: &str, asm: &str) -> PathBuf {
-    let src = dir.join(format!("{name}.S"));
-    let obj = dir.join(format!("{name}.o"));
-    let elf = dir.join(format!("{name}.elf"));
-    std::fs::write(&src, format!(".code64\n.globl _start\n_start:\n{asm}\n")).unwrap();
-    let ok = Command::new("as")
-        .arg("-o")
-        .arg(&obj)
-        .arg(&src)
-        .status()
-        .expect("binutils `as`");
-    assert!(ok.success());
-    let ok = Command::new("ld")
-        .args([
-            "-static",
-            "-nostdlib",
-            "-Ttext=0x1000000",
-            "-e",
-            "_start",
-            "-o",
-        ])
-        .arg(&elf)
-        .arg(&obj)
-        .status()
-        .expect("binutils `ld`");
-    assert!(ok.success());
-    elf
-}
 
 const PRINT_AND_RESET: &str = r#"
   mov $0x3f8, %dx
@@ -85,18 +44,6 @@ fn run_vmm(config: &str, extra: &[&str]) -> Output {
         .write_all(config.as_bytes())
         .unwrap();
     wait_with_timeout(child, Duration::from_secs(30))
-}
-
-fn wait_with_timeout(mut child: std::process::Child, limit: Duration) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("kindling-vmm did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -248,72 +195,6 @@ fn emulation_failure_is_reported_with_rip_and_bytes() {
     } else {
         eprintln!("hardware KVM: cmpxchg16b runs natively; checking the guest completes");
         assert_eq!(out.status.code(), Some(0), "{stderr}");
-    }
-}
-
-/// A VMM process with a control socket.
-struct Vm {
-    child: std::process::Child,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Vm {
-    fn spawn(args: &[&str], sock: &Path) -> Vm {
-        let child = Command::new(vmm_bin())
-            .args(args)
-            .arg("--api-sock")
-            .arg(sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(20) => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("control socket never appeared: {e}"),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        Vm {
-            child,
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-
-    fn ask(&mut self, req: Value) -> Value {
-        self.writer.write_all(req.to_string().as_bytes()).unwrap();
-        self.writer.write_all(b"\n").unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-
-    fn ok(&mut self, req: Value) -> Value {
-        let a = self.ask(req.clone());
-        assert_eq!(a["ok"], true, "{req} -> {a}");
-        a
-    }
-
-    fn snapshot(&mut self, state: &Path, mem: &Path, kind: &str) -> Value {
-        self.ok(serde_json::json!({
-            "action": "snapshot", "state_path": state, "mem_path": mem, "kind": kind,
-        }))
-    }
-
-    fn shutdown(mut self) -> String {
-        self.ok(serde_json::json!({"action": "shutdown"}));
-        let out = wait_with_timeout(self.child, Duration::from_secs(10));
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(out.status.code(), Some(0), "{stderr}");
-        stderr
     }
 }
 
