@@ -25,6 +25,24 @@ pub(super) fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// `X-Amz-Log-Type`, checked: `None`, `Tail` or absent.
+pub(super) fn log_type(headers: &HeaderMap) -> Result<Option<&str>, LambdaError> {
+    match header(headers, "x-amz-log-type") {
+        Some(t) if t != "None" && t != "Tail" => Err(LambdaError::validation(format!(
+            "1 validation error detected: Value '{t}' at 'logType' failed to satisfy constraint: \
+             Member must satisfy enum value set: [None, Tail]"
+        ))),
+        t => Ok(t),
+    }
+}
+
+/// `X-Amz-Client-Context`, decoded, when the caller sent one.
+pub(super) fn client_context(headers: &HeaderMap) -> Result<Option<String>, LambdaError> {
+    header(headers, "x-amz-client-context")
+        .map(decode_client_context)
+        .transpose()
+}
+
 /// The answer, success or error, with Lambda's request id header.
 pub(super) fn with_request_id(request_id: &str, result: Result<Response, LambdaError>) -> Response {
     let mut res = result.unwrap_or_else(IntoResponse::into_response);
@@ -65,18 +83,8 @@ async fn handle(
             )))
         }
     }
-    if let Some(log_type) = header(headers, "x-amz-log-type") {
-        if log_type != "None" && log_type != "Tail" {
-            return Err(LambdaError::validation(format!(
-                "1 validation error detected: Value '{log_type}' at 'logType' failed to satisfy constraint: \
-                 Member must satisfy enum value set: [None, Tail]"
-            )));
-        }
-    }
-    let client_context = match header(headers, "x-amz-client-context") {
-        None => None,
-        Some(b64) => Some(decode_client_context(b64)?),
-    };
+    let log_type = log_type(headers)?;
+    let client_context = client_context(headers)?;
     if invocation_type == "Event" {
         // Queued durably (1 MiB limit), then 202: see api/event_config.rs and events/.
         return super::event_config::enqueue(&state, &function, client_context, body, request_id)
@@ -95,8 +103,7 @@ async fn handle(
         stream: None,
     };
     // `X-Amz-Log-Type: Tail`: the last 4 KB of this invocation's log, once it has ended.
-    let tail = (header(headers, "x-amz-log-type") == Some("Tail"))
-        .then(|| state.logs.want_tail(request_id));
+    let tail = (log_type == Some("Tail")).then(|| state.logs.want_tail(request_id));
     let fname = function.config.function_name.clone();
     // The invocation runs in its own task: a caller that hangs up does not cut it short
     // (Lambda runs it to the end), and the environment is returned or stopped properly.

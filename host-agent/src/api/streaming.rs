@@ -22,7 +22,9 @@ use tokio::task::JoinHandle;
 
 use super::eventstream::{self, Completion};
 use super::functions::lookup;
-use super::invoke::{decode_client_context, header, new_trace_id, read_payload, with_request_id};
+use super::invoke::{
+    client_context, header, log_type, new_trace_id, read_payload, with_request_id,
+};
 use super::{LambdaError, SharedState};
 use crate::logs::TailRequest;
 use crate::pool::PoolError;
@@ -58,17 +60,8 @@ async fn handle(
              Member must satisfy enum value set: [RequestResponse, DryRun]"
         )));
     }
-    let log_type = header(headers, "x-amz-log-type");
-    if let Some(t) = log_type.filter(|t| *t != "None" && *t != "Tail") {
-        return Err(LambdaError::validation(format!(
-            "1 validation error detected: Value '{t}' at 'logType' failed to satisfy constraint: \
-             Member must satisfy enum value set: [None, Tail]"
-        )));
-    }
-    let client_context = match header(headers, "x-amz-client-context") {
-        None => None,
-        Some(b64) => Some(decode_client_context(b64)?),
-    };
+    let log_type = log_type(headers)?;
+    let client_context = client_context(headers)?;
     let payload = read_payload(body).await?;
     if invocation_type == "DryRun" {
         return Ok(StatusCode::NO_CONTENT.into_response());
