@@ -11,6 +11,7 @@
 
 pub mod image;
 pub mod invoke;
+pub mod load;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};

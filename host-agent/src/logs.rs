@@ -38,7 +38,9 @@ const TS_LEN: usize = 24;
 
 /// `2024-05-01T12:00:00.123Z`: fixed width, so lines compare by time as strings.
 pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    // chrono's RFC 3339 writer: the same text as a strftime pattern, without parsing one on
+    // every log line.
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,18 +89,30 @@ impl FunctionLog {
         &self.path
     }
 
-    /// Appends records (each `(stream, message)`) as lines with the current time. A failing
-    /// disk loses log lines, never an invocation: errors are reported to the agent's log.
+    /// Appends messages as lines of `stream` with the current time. A failing disk loses log
+    /// lines, never an invocation: errors are reported to the agent's log.
     pub fn append(&self, stream: &str, messages: &[&str]) {
+        self.append_after(stream, None, messages);
+    }
+
+    /// Like [`FunctionLog::append`], with a line `held` back earlier (with its own time) first:
+    /// one write for both.
+    fn append_after(&self, stream: &str, held: Option<&HeldLine>, messages: &[&str]) {
         let ts = timestamp(chrono::Utc::now());
         let mut text = String::new();
-        for m in messages {
-            text.push_str(&ts);
+        let mut line = |ts: &str, m: &str| {
+            text.push_str(ts);
             text.push(' ');
             text.push_str(stream);
             text.push(' ');
             text.push_str(m);
             text.push('\n');
+        };
+        if let Some(h) = held {
+            line(&h.ts, &h.message);
+        }
+        for m in messages {
+            line(&ts, m);
         }
         if let Err(e) = self.write(text.as_bytes()) {
             tracing::warn!(path = %self.path.display(), "cannot write the function log: {e}");
@@ -233,6 +247,7 @@ impl LogStore {
             provisioned,
             state: Mutex::new(EnvLogState {
                 invocations: 0,
+                start: None,
                 init_duration: None,
                 restore_duration: None,
                 capture: None,
@@ -279,12 +294,21 @@ struct Capture {
 
 struct EnvLogState {
     invocations: u64,
+    /// The current invocation's `START`, until the next line is written: most invocations
+    /// then need one write to the log file instead of two.
+    start: Option<HeldLine>,
     /// Reported on the first invocation's REPORT line only.
     init_duration: Option<Duration>,
     /// Restored from a snapshot (microvm backend) in this long: the first REPORT says
     /// `Restore Duration` instead of `Init Duration`, as Lambda's SnapStart does.
     restore_duration: Option<Duration>,
     capture: Option<Capture>,
+}
+
+/// A log line whose time was taken when it happened, written later.
+struct HeldLine {
+    ts: String,
+    message: String,
 }
 
 /// How an invocation ended, for its platform lines and REPORT.
@@ -318,8 +342,13 @@ impl EnvLog {
     }
 
     fn write(&self, st: &mut EnvLogState, lines: &[&str]) {
-        self.log.append(&self.stream, lines);
+        let start = st.start.take();
+        self.log.append_after(&self.stream, start.as_ref(), lines);
         if let Some(c) = st.capture.as_mut() {
+            if let Some(h) = &start {
+                c.text.extend_from_slice(h.message.as_bytes());
+                c.text.push(b'\n');
+            }
             for l in lines {
                 c.text.extend_from_slice(l.as_bytes());
                 c.text.push(b'\n');
@@ -365,8 +394,12 @@ impl EnvLog {
             started: Instant::now(),
             text: Vec::new(),
         });
-        let line = format!("START RequestId: {request_id} Version: $LATEST");
-        self.write(&mut st, &[&line]);
+        // Written with the invocation's first line (at the latest END): a follower sees it
+        // when there is something after it.
+        st.start = Some(HeldLine {
+            ts: timestamp(chrono::Utc::now()),
+            message: format!("START RequestId: {request_id} Version: $LATEST"),
+        });
     }
 
     /// The invocation ended (its runtime output already written): the platform's lines for
@@ -439,6 +472,16 @@ impl EnvLog {
         self.store
             .metrics
             .record_invoke_duration(&self.function, duration);
+    }
+}
+
+impl Drop for EnvLog {
+    /// An invocation that never finished (its caller went away) still leaves its `START`.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = st.start.take() {
+            self.log.append_after(&self.stream, Some(&h), &[]);
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use host_agent::cli::{create_body, CliError, Client, CreateArgs};
-use host_agent::serve::{self, BackendKind, ServeConfig};
+use host_agent::serve::{self, BackendKind, EnvironmentCpus, ServeConfig};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -572,6 +572,12 @@ struct ServeArgs {
     /// snapshots its VM after Init; later ones restore it (<data-dir>/snapshots).
     #[arg(long, value_enum, default_value = "on")]
     snapshots: OnOff,
+    /// process backend: `memory` runs each environment on as many host CPUs as Lambda gives
+    /// its memory size (1 vCPU per 1,769 MB, at least 1, at most 6; the least used CPUs,
+    /// through CPU affinity), as a microVM gets vCPUs; `all` lets every environment use
+    /// every CPU.
+    #[arg(long, value_enum, default_value = "memory")]
+    environment_cpus: EnvironmentCpus,
 }
 
 // Parsed once per run: the size of the largest variant does not matter.
@@ -692,6 +698,7 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         },
         image_tiers: a.image_tiers.l3.is_some().then_some(a.image_tiers),
         snapshots: a.snapshots == OnOff::On,
+        environment_cpus: a.environment_cpus,
     };
     serve::run(
         cfg,

@@ -13,6 +13,7 @@ use crate::functions::Registry;
 use crate::logs::{LogStore, DEFAULT_MAX_FILE_BYTES};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolConfig};
+use crate::sandbox::cpus::{self, CpuPool};
 use crate::sandbox::process::ProcessBackend;
 use crate::sandbox::{envs_dir, Backend};
 
@@ -66,6 +67,28 @@ pub struct ServeConfig {
     pub image_tiers: Option<image_cache::TierConfig>,
     /// microvm backend: snapshot cold starts (`--snapshots on`, the default).
     pub snapshots: bool,
+    /// process backend: the CPUs an environment runs on.
+    pub environment_cpus: EnvironmentCpus,
+}
+
+/// Which host CPUs a process backend environment runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvironmentCpus {
+    /// Lambda's vCPU count for the function's memory, on the least used CPUs.
+    Memory,
+    /// Every CPU the agent may use.
+    All,
+}
+
+impl EnvironmentCpus {
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvironmentCpus::Memory => "memory",
+            EnvironmentCpus::All => "all",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,9 +139,26 @@ fn choose_backend(
         tracing::warn!(
             "the process backend isolates nothing: functions run as this user, on this host"
         );
-        let b = ProcessBackend::new(envs_dir(&cfg.data_dir), cfg.python.clone(), logs.clone())
+        let mut b = ProcessBackend::new(envs_dir(&cfg.data_dir), cfg.python.clone(), logs.clone())
             .map_err(data_err)?
             .with_stream_limits(cfg.stream_limits);
+        if cfg.environment_cpus == EnvironmentCpus::Memory {
+            match CpuPool::from_own_affinity() {
+                Ok(pool) => {
+                    tracing::info!(
+                        host_cpus = pool.len(),
+                        "process backend: each environment runs on the vCPU count of its \
+                         memory size (1 per {} MB), on the least used CPUs",
+                        cpus::MB_PER_VCPU
+                    );
+                    b = b.with_cpu_pool(pool);
+                }
+                Err(e) => tracing::warn!(
+                    "process backend: cannot read this process's CPU affinity ({e}); \
+                     environments run on every CPU"
+                ),
+            }
+        }
         Ok((Arc::new(b), BackendKind::Process))
     };
     match cfg.backend {
@@ -380,6 +420,12 @@ pub async fn run(
     );
     let mut graceful = stop_rx.clone();
     let grace = cfg.shutdown_timeout;
+    use axum::serve::ListenerExt as _;
+    // Invoke answers are written whole: send them at once (no Nagle delay behind an
+    // unacknowledged earlier answer on a keep-alive connection).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
         let _ = graceful.wait_for(|s| *s).await;
         tracing::info!("shutting down: no new requests, waiting up to {grace:?} for running ones");

@@ -92,6 +92,12 @@ pub async fn serve(
     core: Arc<RuntimeCore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    // Every answer is one small write that the runtime waits for: never hold it back for
+    // Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(core))
         .with_graceful_shutdown(shutdown)
         .await

@@ -19,7 +19,7 @@ fn venv_cargo_lambda() -> Option<PathBuf> {
 fn bench(extra: &[&str]) -> Output {
     let mut cmd = Command::new(workspace_bin("kindling"));
     cmd.args(["bench", "invoke", "--json", "--requests", "50"])
-        .args(["--concurrency", "2", "--warmup", "10"])
+        .args(["--concurrency", "2", "--warmup", "10", "--rounds", "2"])
         // cargo-lambda's first invocation runs `cargo run`, which may wait for other builds'
         // lock on target/; echo-rust itself is already built by `cargo build --workspace`.
         .args(["--start-timeout", "600"])
@@ -64,6 +64,13 @@ fn assert_clean_run(system: &Value, name: &str) {
         system["max_ms"].as_f64().unwrap_or(0.0),
     );
     assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{system}");
+    // Two alternating rounds of 25 requests, each with its own throughput.
+    let rounds = system["rounds_rps"].as_array().expect("rounds_rps");
+    assert_eq!(rounds.len(), 2, "{system}");
+    assert!(
+        rounds.iter().all(|r| r.as_f64().unwrap_or(0.0) > 0.0),
+        "{system}"
+    );
 }
 
 #[test]
@@ -75,6 +82,8 @@ fn bench_invoke_measures_kindling_and_cargo_lambda() {
     assert_clean_run(&systems[1], "cargo-lambda");
     assert_eq!(r["cargo_lambda_skipped"], false);
     assert_eq!(r["profile"], "debug");
+    assert_eq!(r["rounds"], 2, "{r}");
+    assert_eq!(r["environment_cpus"], "memory", "{r}");
     assert!(
         r["ratios"]["throughput"].as_f64().unwrap_or(0.0) > 0.0,
         "{r}"
@@ -84,8 +93,9 @@ fn bench_invoke_measures_kindling_and_cargo_lambda() {
 
 #[test]
 fn bench_invoke_can_skip_cargo_lambda() {
-    let out = bench(&["--skip-cargo-lambda"]);
+    let out = bench(&["--skip-cargo-lambda", "--environment-cpus", "all"]);
     let r = report(&out);
+    assert_eq!(r["environment_cpus"], "all", "{r}");
     let systems = r["systems"].as_array().expect("systems");
     assert_eq!(systems.len(), 1, "{r}");
     assert_clean_run(&systems[0], "kindling");

@@ -15,6 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+
+use super::load::{check_answer, Endpoint, Failure, Run};
+use crate::serve::EnvironmentCpus;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::json;
@@ -38,7 +41,12 @@ pub enum Profile {
 
 #[derive(Debug, Clone)]
 pub struct InvokeBenchArgs {
+    /// Measured requests per system, over all rounds.
     pub requests: usize,
+    /// Measurement rounds, alternating between the systems.
+    pub rounds: usize,
+    /// The CPUs Kindling's environments run on.
+    pub environment_cpus: EnvironmentCpus,
     pub concurrency: usize,
     pub warmup: usize,
     /// The event sent with every request (JSON).
@@ -63,15 +71,23 @@ pub struct InvokeBenchArgs {
 /// `kindling bench invoke`'s flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct InvokeCli {
-    /// Measured requests per system.
-    #[arg(long, default_value_t = 2000)]
+    /// Measured requests per system (over all rounds).
+    #[arg(long, default_value_t = 10000)]
     pub requests: usize,
+    /// Measurement rounds: the systems take turns (K, C, K, C, ...) so that drift in the
+    /// host's load affects both alike; each system's figures pool its rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// The `kindling serve --environment-cpus` setting Kindling runs with.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub environment_cpus: EnvironmentCpus,
     /// Requests in flight at once (Kindling then runs that many environments; cargo-lambda
     /// gets `--concurrency` with the same number).
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
-    /// Unmeasured requests first, at the same concurrency.
-    #[arg(long, default_value_t = 200)]
+    /// Unmeasured requests first, at the same concurrency (cargo-lambda starts instances
+    /// as it goes: give it time to reach its steady state).
+    #[arg(long, default_value_t = 1000)]
     pub warmup: usize,
     /// The event sent with every request (JSON).
     #[arg(long, default_value = r#"{"bench":"kindling"}"#)]
@@ -107,6 +123,8 @@ pub fn run_cli(cli: InvokeCli) -> std::process::ExitCode {
     use std::process::ExitCode;
     let args = InvokeBenchArgs {
         requests: cli.requests,
+        rounds: cli.rounds,
+        environment_cpus: cli.environment_cpus,
         concurrency: cli.concurrency,
         warmup: cli.warmup,
         payload: cli.payload,
@@ -198,6 +216,8 @@ pub struct SystemResult {
     /// emulator), excluding the function instances (the same binary on both), per measured
     /// request, in microseconds. `None` where /proc cannot tell.
     pub platform_cpu_us_per_request: Option<f64>,
+    /// Each round's throughput, in order.
+    pub rounds_rps: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -216,9 +236,12 @@ pub struct InvokeReport {
     pub profile: Profile,
     pub echo_rust: PathBuf,
     pub requests: usize,
+    pub rounds: usize,
     pub concurrency: usize,
     pub warmup: usize,
     pub payload_bytes: usize,
+    /// Kindling's `--environment-cpus`.
+    pub environment_cpus: EnvironmentCpus,
     pub cpus: usize,
     /// `/proc/loadavg` (1, 5, 15 min) before and after: other work on the host skews numbers.
     pub load_average_start: Option<[f64; 3]>,
@@ -376,60 +399,110 @@ pub async fn invoke(
     let payload = Bytes::from(args.payload.clone().into_bytes());
     let tmp = tempfile::tempdir().map_err(|e| InvokeBenchError::Io(format!("temp dir: {e}")))?;
 
-    let mut systems = Vec::new();
-    {
-        progress(InvokeProgress::Phase(
-            "kindling: starting `kindling serve --backend process`".into(),
-        ));
-        let kindling = match &args.kindling {
-            Some(k) => k.clone(),
-            None => std::env::current_exe()
-                .map_err(|e| InvokeBenchError::Kindling(format!("own executable: {e}")))?,
-        };
-        let agent = Agent::start(&kindling, tmp.path(), args.concurrency, args.start_timeout)?;
-        let zip = crate::functions::build_zip(&[crate::functions::ZipEntry {
-            name: "bootstrap".into(),
-            data: code,
-            mode: 0o755,
-        }])
-        .map_err(|e| InvokeBenchError::Io(format!("zipping echo-rust: {e}")))?;
-        agent.create_function(&client, &zip).await?;
-        let target = Target {
-            system: "kindling",
-            url: format!("{}/2015-03-31/functions/{FUNCTION}/invocations", agent.url),
-            platform_pid: agent.pid,
-            watch: None,
-        };
-        let result = measure(&target, &client, &payload, args, &mut progress).await;
-        agent.stop();
-        systems.push(result.map_err(|e| {
-            InvokeBenchError::Kindling(format!("{e}; agent log: {}", agent.log_tail()))
-        })?);
+    // Both systems run side by side (the idle one costs nothing) and take turns.
+    progress(InvokeProgress::Phase(
+        "kindling: starting `kindling serve --backend process`".into(),
+    ));
+    let kindling = match &args.kindling {
+        Some(k) => k.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| InvokeBenchError::Kindling(format!("own executable: {e}")))?,
+    };
+    let agent = Agent::start(
+        &kindling,
+        tmp.path(),
+        args.concurrency,
+        args.environment_cpus,
+        args.start_timeout,
+    )?;
+    let zip = crate::functions::build_zip(&[crate::functions::ZipEntry {
+        name: "bootstrap".into(),
+        data: code,
+        mode: 0o755,
+    }])
+    .map_err(|e| InvokeBenchError::Io(format!("zipping echo-rust: {e}")))?;
+    agent.create_function(&client, &zip).await?;
+    let kindling_target = Target {
+        system: "kindling",
+        url: format!("{}/2015-03-31/functions/{FUNCTION}/invocations", agent.url),
+        platform_pid: agent.pid,
+        watch: None,
+    };
+    let kindling_err =
+        |e: String| InvokeBenchError::Kindling(format!("{e}; agent log: {}", agent.log_tail()));
+    prepare(&kindling_target, &client, &payload, args, &mut progress)
+        .await
+        .map_err(kindling_err)?;
+
+    let watch = match &cargo_lambda {
+        Some((bin, dir)) => {
+            progress(InvokeProgress::Phase(format!(
+                "cargo-lambda: starting `cargo lambda watch --concurrency {}{}` in {}",
+                args.concurrency,
+                if profile == Profile::Release {
+                    " --release"
+                } else {
+                    ""
+                },
+                dir.display()
+            )));
+            Some(CargoLambda::start(
+                bin,
+                dir,
+                tmp.path(),
+                args.concurrency,
+                profile,
+            )?)
+        }
+        None => None,
+    };
+    let cargo_target = watch.as_ref().map(|w| Target {
+        system: "cargo-lambda",
+        url: format!("{}/2015-03-31/functions/{FUNCTION}/invocations", w.url),
+        platform_pid: w.pid,
+        watch: Some(w),
+    });
+    let cargo_err = |e: String| {
+        let log = watch.as_ref().map(|w| w.log_tail()).unwrap_or_default();
+        InvokeBenchError::CargoLambda(format!("{e}; its log: {log}"))
+    };
+    if let Some(t) = &cargo_target {
+        prepare(t, &client, &payload, args, &mut progress)
+            .await
+            .map_err(cargo_err)?;
     }
 
-    if let Some((bin, dir)) = &cargo_lambda {
-        progress(InvokeProgress::Phase(format!(
-            "cargo-lambda: starting `cargo lambda watch --concurrency {}{}` in {}",
-            args.concurrency,
-            if profile == Profile::Release {
-                " --release"
+    let rounds = args.rounds.clamp(1, args.requests);
+    let mut kindling_runs = Vec::new();
+    let mut cargo_runs = Vec::new();
+    for round in 0..rounds {
+        // The requests split evenly; the last round takes the remainder.
+        let n = args.requests / rounds
+            + if round + 1 == rounds {
+                args.requests % rounds
             } else {
-                ""
-            },
-            dir.display()
+                0
+            };
+        let label = format!("round {}/{rounds}", round + 1);
+        kindling_runs
+            .push(measure_round(&kindling_target, &payload, n, args, &label, &mut progress).await);
+        if let Some(t) = &cargo_target {
+            cargo_runs.push(measure_round(t, &payload, n, args, &label, &mut progress).await);
+        }
+    }
+    agent.stop();
+    if let Some(w) = &watch {
+        w.stop();
+    }
+    let mut systems = vec![summarize("kindling", args, kindling_runs)];
+    if cargo_target.is_some() {
+        systems.push(summarize("cargo-lambda", args, cargo_runs));
+    }
+    for sys in &systems {
+        progress(InvokeProgress::Phase(format!(
+            "{}: {:.0} req/s, p50 {:.3} ms, {} errors",
+            sys.system, sys.throughput_rps, sys.p50_ms, sys.errors
         )));
-        let watch = CargoLambda::start(bin, dir, tmp.path(), args.concurrency, profile)?;
-        let target = Target {
-            system: "cargo-lambda",
-            url: format!("{}/2015-03-31/functions/{FUNCTION}/invocations", watch.url),
-            platform_pid: watch.pid,
-            watch: Some(&watch),
-        };
-        let result = measure(&target, &client, &payload, args, &mut progress).await;
-        watch.stop();
-        systems.push(result.map_err(|e| {
-            InvokeBenchError::CargoLambda(format!("{e}; its log: {}", watch.log_tail()))
-        })?);
     }
 
     let ratios = match systems.as_slice() {
@@ -449,8 +522,10 @@ pub async fn invoke(
         profile,
         echo_rust,
         requests: args.requests,
+        rounds: args.rounds.clamp(1, args.requests),
         concurrency: args.concurrency,
         warmup: args.warmup,
+        environment_cpus: args.environment_cpus,
         payload_bytes: payload.len(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         load_average_start,
@@ -472,33 +547,33 @@ struct Target<'a> {
     watch: Option<&'a CargoLambda>,
 }
 
-/// Waits for the first good answer, warms up at full concurrency, then measures.
-async fn measure(
+/// Waits for the first good answer, then warms up at full concurrency.
+async fn prepare(
     target: &Target<'_>,
     client: &reqwest::Client,
     payload: &Bytes,
     args: &InvokeBenchArgs,
     progress: &mut impl FnMut(InvokeProgress),
-) -> std::result::Result<SystemResult, String> {
-    let Target {
-        system,
-        url,
-        platform_pid,
-        watch,
-    } = target;
-    let (system, url, platform_pid, watch) = (*system, url.as_str(), *platform_pid, *watch);
+) -> std::result::Result<(), String> {
+    let system = target.system;
     progress(InvokeProgress::Phase(format!(
         "{system}: waiting for the first invocation to succeed"
     )));
-    wait_first_answer(client, url, payload, args.start_timeout, watch).await?;
+    wait_first_answer(
+        client,
+        &target.url,
+        payload,
+        args.start_timeout,
+        target.watch,
+    )
+    .await?;
     if args.warmup > 0 {
         progress(InvokeProgress::Phase(format!(
             "{system}: warming up ({} requests at concurrency {})",
             args.warmup, args.concurrency
         )));
         let warm = drive(
-            client,
-            url,
+            &target.url,
             payload,
             args.warmup,
             args.concurrency,
@@ -514,30 +589,69 @@ async fn measure(
             ));
         }
     }
+    Ok(())
+}
+
+/// One measured round of `n` requests, with the platform process's CPU time over it.
+struct Round {
+    run: Run,
+    requests: usize,
+    platform_cpu_ms: Option<f64>,
+}
+
+async fn measure_round(
+    target: &Target<'_>,
+    payload: &Bytes,
+    n: usize,
+    args: &InvokeBenchArgs,
+    label: &str,
+    progress: &mut impl FnMut(InvokeProgress),
+) -> Round {
     progress(InvokeProgress::Phase(format!(
-        "{system}: measuring {} requests at concurrency {}",
-        args.requests, args.concurrency
+        "{}: {label}: measuring {n} requests at concurrency {}",
+        target.system, args.concurrency
     )));
-    let cpu_before = process_cpu_ms(platform_pid);
-    let run = drive(
-        client,
-        url,
-        payload,
-        args.requests,
-        args.concurrency,
-        progress,
-    )
-    .await;
-    let platform_cpu_us_per_request = cpu_before
-        .zip(process_cpu_ms(platform_pid))
-        .map(|(a, b)| (b - a) * 1e3 / args.requests as f64);
-    let mut lat = run.latencies_ms;
+    let cpu_before = process_cpu_ms(target.platform_pid);
+    let run = drive(&target.url, payload, n, args.concurrency, progress).await;
+    let platform_cpu_ms = cpu_before
+        .zip(process_cpu_ms(target.platform_pid))
+        .map(|(a, b)| b - a);
+    Round {
+        run,
+        requests: n,
+        platform_cpu_ms,
+    }
+}
+
+/// One system's figures over all its rounds: latencies pooled, throughput = answered
+/// requests / time spent measuring.
+fn summarize(system: &str, args: &InvokeBenchArgs, rounds: Vec<Round>) -> SystemResult {
+    let mut lat = Vec::with_capacity(args.requests);
+    let (mut secs, mut errors, mut first_error) = (0.0, 0, None);
+    let mut cpu_ms = Some(0.0);
+    let mut requests = 0;
+    let mut rounds_rps = Vec::new();
+    for r in rounds {
+        let elapsed = r.run.elapsed.as_secs_f64();
+        rounds_rps.push(if elapsed > 0.0 {
+            r.run.latencies_ms.len() as f64 / elapsed
+        } else {
+            0.0
+        });
+        secs += elapsed;
+        errors += r.run.errors;
+        if first_error.is_none() {
+            first_error = r.run.first_error;
+        }
+        lat.extend(r.run.latencies_ms);
+        cpu_ms = cpu_ms.zip(r.platform_cpu_ms).map(|(a, b)| a + b);
+        requests += r.requests;
+    }
     lat.sort_by(f64::total_cmp);
-    let secs = run.elapsed.as_secs_f64();
     let ok = lat.len();
-    let result = SystemResult {
+    SystemResult {
         system: system.into(),
-        requests: args.requests,
+        requests,
         concurrency: args.concurrency,
         throughput_rps: if secs > 0.0 { ok as f64 / secs } else { 0.0 },
         elapsed_s: secs,
@@ -551,22 +665,13 @@ async fn measure(
         p90_ms: percentile(&lat, 0.90),
         p99_ms: percentile(&lat, 0.99),
         max_ms: lat.last().copied().unwrap_or(0.0),
-        errors: run.errors,
-        first_error: run.first_error,
-        platform_cpu_us_per_request,
-    };
-    progress(InvokeProgress::Phase(format!(
-        "{system}: {:.0} req/s, p50 {:.3} ms, {} errors",
-        result.throughput_rps, result.p50_ms, result.errors
-    )));
-    Ok(result)
-}
-
-/// What went wrong with one invocation.
-struct Failure {
-    /// The server answered (as opposed to: no connection, no complete answer).
-    answered: bool,
-    msg: String,
+        errors,
+        first_error,
+        platform_cpu_us_per_request: cpu_ms
+            .filter(|_| requests > 0)
+            .map(|ms| ms * 1e3 / requests as f64),
+        rounds_rps,
+    }
 }
 
 /// One invocation.
@@ -580,10 +685,6 @@ async fn invoke_once(
         answered: false,
         msg,
     };
-    let answered = |msg: String| Failure {
-        answered: true,
-        msg,
-    };
     let res = client
         .post(url)
         .header("content-type", "application/json")
@@ -593,32 +694,12 @@ async fn invoke_once(
         .await
         .map_err(|e| transport(format!("request: {e}")))?;
     let status = res.status();
-    let function_error = res
-        .headers()
-        .get("x-amz-function-error")
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let function_error = res.headers().get("x-amz-function-error").cloned();
     let body = res
         .bytes()
         .await
         .map_err(|e| transport(format!("body: {e}")))?;
-    if !status.is_success() || function_error.is_some() {
-        return Err(answered(format!(
-            "HTTP {status}{}: {}",
-            function_error
-                .map(|f| format!(" (function error {f})"))
-                .unwrap_or_default(),
-            String::from_utf8_lossy(&body[..body.len().min(300)])
-        )));
-    }
-    // echo-rust's answer carries the event under "echo": a cheap check that the function
-    // itself answered (not some other server on the port).
-    if !body.windows(7).any(|w| w == b"\"echo\":") {
-        return Err(answered(format!(
-            "unexpected answer: {}",
-            String::from_utf8_lossy(&body[..body.len().min(300)])
-        )));
-    }
-    Ok(())
+    check_answer(status, function_error.as_ref().map(|v| v.as_bytes()), &body)
 }
 
 /// Retries until one invocation succeeds while the server is not up yet; fails early when
@@ -666,79 +747,46 @@ async fn wait_first_answer(
     }
 }
 
-struct Run {
-    latencies_ms: Vec<f64>,
-    elapsed: Duration,
-    errors: usize,
-    first_error: Option<String>,
-}
-
-/// `total` requests from `concurrency` workers, each sending its next request as soon as
-/// its previous one is answered (a closed loop).
+/// `total` requests at `concurrency` on the load thread (see [`super::load`]), reporting
+/// progress from here.
 async fn drive(
-    client: &reqwest::Client,
     url: &str,
     payload: &Bytes,
     total: usize,
     concurrency: usize,
     progress: &mut impl FnMut(InvokeProgress),
 ) -> Run {
-    let next = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    let url: Arc<str> = Arc::from(url);
-    let start = Instant::now();
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.min(total) {
-        let (client, url, payload) = (client.clone(), url.clone(), payload.clone());
-        let (next, done) = (next.clone(), done.clone());
-        workers.spawn(async move {
-            let mut lat = Vec::with_capacity(total / concurrency + 1);
-            let mut errors = 0;
-            let mut first_error = None;
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                let t = Instant::now();
-                match invoke_once(&client, &url, &payload, REQUEST_LIMIT).await {
-                    Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1e3),
-                    Err(e) => {
-                        errors += 1;
-                        first_error.get_or_insert(e.msg);
-                    }
-                }
-                done.fetch_add(1, Ordering::Relaxed);
+    let endpoint = match Endpoint::parse(url).await {
+        Ok(e) => e,
+        Err(e) => {
+            return Run {
+                latencies_ms: Vec::new(),
+                elapsed: Duration::ZERO,
+                errors: total,
+                first_error: Some(e),
             }
-            (lat, errors, first_error)
-        });
-    }
-    let mut run = Run {
-        latencies_ms: Vec::with_capacity(total),
-        elapsed: Duration::ZERO,
-        errors: 0,
-        first_error: None,
+        }
     };
+    let done = Arc::new(AtomicUsize::new(0));
+    let run = super::load::drive(
+        &endpoint,
+        payload,
+        total,
+        concurrency,
+        REQUEST_LIMIT,
+        done.clone(),
+    );
+    tokio::pin!(run);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
+    let run = loop {
         tokio::select! {
-            joined = workers.join_next() => match joined {
-                Some(Ok((lat, errors, first))) => {
-                    run.latencies_ms.extend(lat);
-                    run.errors += errors;
-                    if run.first_error.is_none() {
-                        run.first_error = first;
-                    }
-                }
-                Some(Err(e)) => {
-                    run.errors += 1;
-                    run.first_error.get_or_insert(format!("worker failed: {e}"));
-                }
-                None => break,
-            },
+            run = &mut run => break run,
             _ = tick.tick() => progress(InvokeProgress::Requests {
                 done: done.load(Ordering::Relaxed),
                 total,
             }),
         }
-    }
-    run.elapsed = start.elapsed();
+    };
     progress(InvokeProgress::Requests { done: total, total });
     run
 }
@@ -792,7 +840,13 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(kindling: &Path, tmp: &Path, concurrency: usize, limit: Duration) -> Result<Agent> {
+    fn start(
+        kindling: &Path,
+        tmp: &Path,
+        concurrency: usize,
+        environment_cpus: EnvironmentCpus,
+        limit: Duration,
+    ) -> Result<Agent> {
         let data = tmp.join("kindling-data");
         let log = tmp.join("kindling.log");
         let log_file = std::fs::File::create(&log)
@@ -804,6 +858,7 @@ impl Agent {
             .arg("--no-examples")
             .args(["--max-environments", &concurrency.max(64).to_string()])
             .args(["--idle-timeout", "3600"])
+            .args(["--environment-cpus", environment_cpus.as_str()])
             // Per-invocation info lines would cost the agent time cargo-lambda does not pay.
             .env("KINDLING_LOG", "warn")
             .stdin(Stdio::null())
@@ -983,18 +1038,20 @@ fn fmt_load(l: Option<[f64; 3]>) -> String {
 /// The report as a table.
 pub fn render(r: &InvokeReport) -> String {
     let mut s = format!(
-        "invoke benchmark: {} (lambda_runtime), {} build, {} requests at concurrency {} after \
-         {} warm-up requests, payload {} B\nhost: {} CPUs, load average {} at the start, {} at \
-         the end\n\n",
+        "invoke benchmark: {} (lambda_runtime), {} build, {} requests in {} alternating rounds \
+         at concurrency {} after {} warm-up requests, payload {} B; Kindling: process backend, \
+         --environment-cpus {}\nhost: {} CPUs, load average {} at the start, {} at the end\n\n",
         r.function,
         match r.profile {
             Profile::Debug => "debug",
             Profile::Release => "release",
         },
         r.requests,
+        r.rounds,
         r.concurrency,
         r.warmup,
         r.payload_bytes,
+        r.environment_cpus.as_str(),
         r.cpus,
         fmt_load(r.load_average_start),
         fmt_load(r.load_average_end),
@@ -1026,6 +1083,14 @@ pub fn render(r: &InvokeReport) -> String {
             x.errors,
             x.platform_cpu_us_per_request
                 .map_or("-".into(), |c| format!("{c:.1}"))
+        ));
+    }
+    for x in &r.systems {
+        let rounds: Vec<String> = x.rounds_rps.iter().map(|r| format!("{r:.0}")).collect();
+        s.push_str(&format!(
+            "{}: req/s by round: {}\n",
+            x.system,
+            rounds.join(", ")
         ));
     }
     for x in &r.systems {
@@ -1085,14 +1150,17 @@ mod tests {
             errors: 0,
             first_error: None,
             platform_cpu_us_per_request: Some(12.5),
+            rounds_rps: vec![rps * 0.9, rps * 1.1],
         };
         let mut r = InvokeReport {
             function: FUNCTION.into(),
             profile: Profile::Release,
             echo_rust: "echo-rust".into(),
             requests: 10,
+            rounds: 2,
             concurrency: 2,
             warmup: 0,
+            environment_cpus: EnvironmentCpus::Memory,
             payload_bytes: 2,
             cpus: 2,
             load_average_start: Some([0.5, 0.25, 0.125]),
@@ -1109,6 +1177,7 @@ mod tests {
         assert!(out.contains("throughput x3.00, p50 x0.50"), "{out}");
         assert!(out.contains(": met)"), "{out}");
         assert!(out.contains("12.5"), "{out}");
+        assert!(out.contains("kindling: req/s by round: 270, 330"), "{out}");
         assert!(out.contains("cargo-lambda"), "{out}");
         r.systems.pop();
         r.ratios = None;

@@ -4,6 +4,7 @@
 //! (`crate::pool`) decides when to start, reuse or stop one; the backend decides how.
 
 pub mod chunked;
+pub mod cpus;
 pub mod microvm;
 pub mod process;
 pub mod snapshot;

@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 
+use super::cpus::{vcpus_for_memory, CpuLease, CpuPool};
 use super::{Backend, EnvSpec, InvokeRequest, Sandbox, StartError};
 use crate::functions::{Function, Runtime};
 use crate::logs::{EnvLog, InvocationEnd, LogStore};
@@ -51,6 +52,8 @@ pub struct ProcessBackend {
     logs: Arc<LogStore>,
     /// Size and bandwidth caps of streamed responses.
     stream_limits: StreamLimits,
+    /// Where environments are placed (see [`super::cpus`]); `None`: on every CPU.
+    cpus: Option<Arc<CpuPool>>,
 }
 
 impl ProcessBackend {
@@ -66,7 +69,15 @@ impl ProcessBackend {
             python_check: OnceCell::new(),
             logs,
             stream_limits: StreamLimits::default(),
+            cpus: None,
         })
+    }
+
+    /// Each environment runs on the vCPU count its memory buys on Lambda, placed on the
+    /// least used CPUs of `pool`.
+    pub fn with_cpu_pool(mut self, pool: Arc<CpuPool>) -> Self {
+        self.cpus = Some(pool);
+        self
     }
 
     /// Streamed responses get these caps instead of Lambda's.
@@ -229,6 +240,11 @@ impl Backend for ProcessBackend {
             failed: AtomicBool::new(false),
             stop_api: Mutex::new(Some(stop_api)),
             env_dir: Mutex::new(env_dir),
+            cpus: Mutex::new(
+                self.cpus
+                    .as_ref()
+                    .map(|p| p.lease(vcpus_for_memory(cfg.memory_size))),
+            ),
             down: OnceCell::new(),
         });
         let memory = Arc::new(MemoryTracker::default());
@@ -409,7 +425,7 @@ impl Backend for ProcessBackend {
         if !extensions.is_empty() {
             // The report's maxMemoryUsedMB for telemetry subscribers.
             let m = memory.clone();
-            core.set_memory_probe(Box::new(move || m.sample()));
+            core.set_memory_probe(Box::new(move || m.peak_mb(false)));
         }
 
         let mut exit = shared.runtime_exit.clone();
@@ -741,6 +757,11 @@ impl LineBuffer {
 /// The leaders' `/proc` files stay open and are re-read with `pread` at offset 0 (procfs
 /// regenerates them), so a sample costs a read per leader, plus its `children` list; the
 /// descendants' files are opened only when there are any.
+///
+/// procfs renders the whole `status` file on every read, which was a tenth of the agent's
+/// CPU per warm invocation: invocations shorter than [`MEMORY_SAMPLE_INTERVAL`] that end
+/// within that interval of the last sample share it (a high-water mark only grows, so the
+/// next sample still sees a peak reached meanwhile).
 #[derive(Default)]
 struct MemoryTracker {
     files: Mutex<ProcFiles>,
@@ -752,7 +773,13 @@ struct ProcFiles {
     /// The runtime first (when started), then the extensions.
     leaders: Vec<Leader>,
     buf: Vec<u8>,
+    /// When procfs was last read.
+    sampled: Option<Instant>,
 }
+
+/// Longest an invocation's REPORT may reuse the previous memory sample (see
+/// [`MemoryTracker`]).
+const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 
 struct Leader {
     status: std::fs::File,
@@ -807,10 +834,19 @@ impl MemoryTracker {
         }
     }
 
-    /// Measures now; returns the peak in MB (rounded up), if ever measured.
-    fn sample(&self) -> Option<u64> {
+    /// The peak in MB (rounded up), if ever measured: measured now when `fresh` or when the
+    /// last sample is older than [`MEMORY_SAMPLE_INTERVAL`].
+    fn peak_mb(&self, fresh: bool) -> Option<u64> {
         let mut files = self.files();
-        let ProcFiles { leaders, buf } = &mut *files;
+        let due = files
+            .sampled
+            .is_none_or(|t| t.elapsed() >= MEMORY_SAMPLE_INTERVAL);
+        if !fresh && !due {
+            let peak = self.peak_kb.load(Ordering::Relaxed);
+            return (peak > 0).then(|| peak.div_ceil(1024));
+        }
+        files.sampled = Some(Instant::now());
+        let ProcFiles { leaders, buf, .. } = &mut *files;
         let mut total = 0;
         let mut kids = Vec::new();
         for l in leaders.iter() {
@@ -899,6 +935,8 @@ struct EnvShared {
     failed: AtomicBool,
     stop_api: Mutex<Option<oneshot::Sender<()>>>,
     env_dir: Mutex<PathBuf>,
+    /// The CPUs its processes run on, until it is stopped.
+    cpus: Mutex<Option<CpuLease>>,
     /// Set once the environment has been shut down.
     down: OnceCell<()>,
 }
@@ -965,6 +1003,8 @@ impl EnvShared {
         }
         let dir = std::mem::take(&mut *self.env_dir.lock().unwrap_or_else(|e| e.into_inner()));
         super::remove_dir_in_background(dir);
+        // Its processes are gone: the CPUs count as free for the next environment.
+        drop(self.cpus.lock().unwrap_or_else(|e| e.into_inner()).take());
         tracing::debug!(function = %self.function_name, env = %self.id, "environment stopped");
     }
 }
@@ -990,6 +1030,10 @@ impl ProcessSandbox {
     /// it), dying with the agent.
     fn join_group(&self, cmd: &mut Command) {
         super::own_group_dying_with_agent(cmd);
+        let cpus = self.env.cpus.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lease) = cpus.as_ref() {
+            lease.apply(cmd);
+        }
         let pgid = self.env.pgid.load(Ordering::SeqCst);
         if pgid > 0 {
             cmd.process_group(pgid);
@@ -1079,14 +1123,17 @@ impl Sandbox for ProcessSandbox {
         // Lines written since the last invocation (or during init) go before its START.
         self.sync_logs();
         self.log.start(&req.request_id);
+        let started = Instant::now();
         let outcome = match previous {
             Ok(()) => self.run_invocation(req, deadline).await,
             Err(o) => o,
         };
         self.sync_logs();
         // VmHWM is a high-water mark: one sample per invocation misses nothing of the
-        // runtime's own peak.
-        let max_memory_mb = self.memory.sample();
+        // runtime's own peak. Short successful invocations may share a sample.
+        let fresh = started.elapsed() >= MEMORY_SAMPLE_INTERVAL
+            || !matches!(outcome, InvokeOutcome::Response { .. });
+        let max_memory_mb = self.memory.peak_mb(fresh);
         self.log.finish(InvocationEnd {
             outcome: &outcome,
             timeout: Duration::from_secs(u64::from(self.function.config.timeout)),
@@ -1228,11 +1275,11 @@ mod tests {
         let pid = std::process::id() as i32;
         let t = MemoryTracker::default();
         t.set_runtime(pid);
-        let before = t.sample().expect("own memory");
+        let before = t.peak_mb(true).expect("own memory");
         // Touch 64 MiB: the high-water mark must rise on the next read of the same file.
         let big = vec![1u8; 64 << 20];
         std::hint::black_box(&big);
-        let after = t.sample().expect("own memory");
+        let after = t.peak_mb(true).expect("own memory");
         assert!(after >= before + 60, "{before} MB -> {after} MB");
     }
 
