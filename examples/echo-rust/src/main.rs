@@ -1,8 +1,13 @@
 //! `echo-rust`: answers with the event it got, the request id and the function name, so a
 //! caller can see the whole round trip through the `lambda_runtime` client.
 //!
+//! The answer also carries the runtime's process id, so a caller can tell a warm answer from
+//! one after a re-init.
+//!
 //! Knobs in the event, to exercise the platform's error paths:
 //! - `"fail": "<message>"`: the handler returns an error of type `EchoFailure`;
+//! - `"panic": "<message>"`: the handler panics (`lambda_runtime` catches it and reports
+//!   `Lambda panicked: <message>`; the process lives on);
 //! - `"exit": <code>`: the process exits with that code mid-invocation (`Runtime.ExitError`);
 //! - `"sleep_ms": <n>`: the handler sleeps first (past the timeout: `Sandbox.Timedout`);
 //! - `"probe": {"env": [NAME...], "paths": [PATH...]}`: the answer also carries a `probe`
@@ -22,6 +27,9 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
     }
     if let Some(code) = payload.get("exit").and_then(Value::as_i64) {
         std::process::exit(code as i32);
+    }
+    if let Some(msg) = payload.get("panic").and_then(Value::as_str) {
+        panic!("{msg}");
     }
     if let Some(msg) = payload.get("fail").and_then(Value::as_str) {
         return Err(Diagnostic {
@@ -43,6 +51,8 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
         "echo": payload,
         "requestId": ctx.request_id,
         "functionName": ctx.env_config.function_name,
+        // Which runtime process answered: a caller sees re-inits.
+        "pid": std::process::id(),
         "runtime": "lambda_runtime (Rust)",
     }))
 }
