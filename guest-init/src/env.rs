@@ -74,6 +74,7 @@ mod tests {
             run_as: None,
             hostname: None,
             host_time_ms: None,
+            entropy_hex: None,
         };
         let v = lambda_variables(&cfg, "/tmp", "2026/01/01/[$LATEST]abc");
         assert_eq!(v["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"], "256");

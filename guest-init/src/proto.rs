@@ -308,6 +308,28 @@ pub struct Configure {
     /// time left from `Invoke::deadline_ms` and the guest's clock.
     #[serde(default)]
     pub host_time_ms: Option<u64>,
+    /// Random bytes from the host, hex-encoded, credited to the guest kernel's RNG before
+    /// anything starts (PID 1 mode only). Without a hardware RNG the kernel may not have
+    /// seeded its CRNG yet at this point of boot, and a process calling getrandom(2) (an
+    /// extension's client making a UUID, guest-init registering it) would block.
+    #[serde(default)]
+    pub entropy_hex: Option<String>,
+}
+
+/// Lowercase hex of `bytes` (for [`Configure::entropy_hex`]).
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of a hex string; `None` when it is not hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Host -> guest: one invocation. The payload is the event, raw.
@@ -983,6 +1005,7 @@ mod tests {
             run_as: Some(RunAs::LAMBDA),
             hostname: Some("h".into()),
             host_time_ms: Some(1_700_000_000_000),
+            entropy_hex: Some("00ff7f".into()),
         }
     }
 
@@ -1004,6 +1027,7 @@ mod tests {
                 run_as: None,
                 hostname: None,
                 host_time_ms: None,
+                entropy_hex: None,
                 environment: BTreeMap::new(),
                 ..configure()
             })),
@@ -1107,6 +1131,18 @@ mod tests {
                 entropy: binary(),
             })),
         ]
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_non_hex() {
+        let bytes = [0u8, 0x7f, 0xff, 0x10];
+        assert_eq!(to_hex(&bytes), "007fff10");
+        assert_eq!(from_hex("007fff10"), Some(bytes.to_vec()));
+        assert_eq!(from_hex("007FFF10"), Some(bytes.to_vec()));
+        assert_eq!(from_hex(""), Some(Vec::new()));
+        assert_eq!(from_hex("0"), None);
+        assert_eq!(from_hex("zz"), None);
+        assert_eq!(from_hex("é1"), None);
     }
 
     #[test]

@@ -243,6 +243,7 @@ mod tests {
             run_as: None,
             hostname: None,
             host_time_ms: None,
+            entropy_hex: None,
         };
         assert_eq!(
             core_config(&cfg).initialization_type,

@@ -278,6 +278,16 @@ impl GuestInit {
                     crate::system::say(format!("setting the host name {name:?}: {e}"));
                 }
             }
+            if let Some(hex) = &cfg.entropy_hex {
+                let seeded = crate::proto::from_hex(hex)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not hex"))
+                    .and_then(|bytes| crate::restore::add_entropy(&bytes));
+                if let Err(e) = seeded {
+                    crate::system::say(format!(
+                        "mixing the host's entropy into the kernel RNG: {e}"
+                    ));
+                }
+            }
         }
         let bind_err = |source| SessionError::Bind {
             addr: self.api_addr,

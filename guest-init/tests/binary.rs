@@ -79,6 +79,7 @@ done
         run_as: None,
         hostname: None,
         host_time_ms: None,
+        entropy_hex: None,
     };
     cfg.environment = guest_init::env::lambda_variables(&cfg, &tmp.display().to_string(), "s");
     write_message_async(&mut s, &Message::Configure(Box::new(cfg)))

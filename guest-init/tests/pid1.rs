@@ -149,6 +149,7 @@ done
                 .unwrap()
                 .as_millis() as u64,
         ),
+        entropy_hex: None,
     };
     cfg.environment = guest_init::env::lambda_variables(&cfg, "/tmp", "s");
     write_message_async(&mut s, &Message::Configure(Box::new(cfg)))

@@ -81,6 +81,7 @@ done
             run_as: None,
             hostname: None,
             host_time_ms: None,
+            entropy_hex: None,
         };
         cfg.environment =
             guest_init::env::lambda_variables(&cfg, &self.tmp().display().to_string(), "s");

@@ -272,7 +272,13 @@ impl Agent {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        Response::from(req.send().expect("invoke request"))
+        let res = req.send().unwrap_or_else(|e| {
+            // The agent's side of a lost request is what explains it.
+            let log = self.log();
+            let tail = &log[log.len().saturating_sub(6000)..];
+            panic!("invoke request: {e}; agent log (tail):\n{tail}")
+        });
+        Response::from(res)
     }
 
     pub fn get(&self, path: &str) -> Response {

@@ -1,7 +1,7 @@
 //! Lambda extensions on the process backend: external extensions (shell scripts with curl in
-//! the ZIP's `extensions/`, Kindling's `/opt/extensions`) register, receive INVOKE and
-//! SHUTDOWN events, hold the next invocation while they work, crash, overflow the limit, and
-//! subscribe to the Telemetry API. Everything is observed through the Invoke API, the files
+//! the ZIP's `extensions/`, Kindling's `/opt/extensions`, and the `echo-extension` example on
+//! the `lambda-extension` crate) register, receive INVOKE and SHUTDOWN events, hold the next
+//! invocation while they work, crash, overflow the limit, and subscribe to the Telemetry API. Everything is observed through the Invoke API, the files
 //! the extensions write and an HTTP server the telemetry subscriber posts to.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kindling_tests::{shell_bootstrap, zip, Agent, AgentOptions};
+use kindling_tests::{shell_bootstrap, workspace_bin, zip, Agent, AgentOptions};
 use serde_json::{json, Value};
 
 /// Registers for INVOKE and SHUTDOWN, appends every event to `$KT_DIR/events`, then, after
@@ -191,6 +191,62 @@ fn extension_gets_invokes_holds_the_next_one_and_gets_spindown_at_agent_stop() {
     let last = ev.last().unwrap();
     assert!(is_shutdown(last, "spindown"), "{ev:#?}");
     assert!(last["deadlineMs"].as_u64().unwrap() > 0);
+}
+
+/// Waits until the function's log has every one of `lines` (extensions write concurrently
+/// with the invocation: their lines may land after its END).
+fn wait_log_lines(agent: &Agent, function: &str, lines: &[String]) -> String {
+    let path = agent.data_dir.join(format!("logs/{function}.log"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if lines.iter().all(|l| log.contains(l.as_str())) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing some of {lines:?} in:\n{log}\nagent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The real Rust extension client (`lambda-extension`, in the `echo-extension` example) next
+/// to the real runtime client (`lambda_runtime`, `echo-rust`).
+#[test]
+fn lambda_extension_crate_gets_invoke_and_shutdown_events() {
+    let mut agent = Agent::start();
+    let runtime = std::fs::read(workspace_bin("echo-rust")).expect("echo-rust is built");
+    let ext = std::fs::read(workspace_bin("echo-extension")).expect("echo-extension is built");
+    agent.create_ok(
+        "rust-ext",
+        "provided.al2023",
+        "bootstrap",
+        &zip(&[
+            ("bootstrap", &runtime, 0o755),
+            ("extensions/echo-extension", &ext, 0o755),
+        ]),
+        json!({"Timeout": 10}),
+    );
+    let mut rids = Vec::new();
+    for n in 0..2 {
+        let r = agent.invoke("rust-ext", json!({ "n": n }).to_string().as_bytes());
+        assert_eq!(r.status, 200, "{}; log:\n{}", r.text(), agent.log());
+        assert_eq!(r.json()["echo"], json!({ "n": n }));
+        rids.push(request_id(&r));
+    }
+    let invokes: Vec<String> = rids
+        .iter()
+        .map(|rid| format!(" echo-extension: INVOKE {rid}\n"))
+        .collect();
+    wait_log_lines(&agent, "rust-ext", &invokes);
+    agent.stop();
+    wait_log_lines(
+        &agent,
+        "rust-ext",
+        &[" echo-extension: SHUTDOWN spindown\n".to_string()],
+    );
 }
 
 #[test]

@@ -645,6 +645,15 @@ impl MicrovmSandbox {
             }),
             hostname: Some(format!("kindling-{}", self.id)),
             host_time_ms: Some(epoch_ms(SystemTime::now())),
+            // The guest kernel's RNG may be unseeded this early in boot (no hardware RNG
+            // is passed through): seed it, or the first getrandom(2) in the guest blocks.
+            entropy_hex: match super::snapshot::host_entropy() {
+                Ok(bytes) => Some(guest_init::proto::to_hex(&bytes)),
+                Err(e) => {
+                    tracing::warn!(env = %self.id, "no host entropy for the guest: {e}");
+                    None
+                }
+            },
         };
         let mut environment =
             guest_init::env::lambda_variables(&configure, "/tmp", self.log.stream());

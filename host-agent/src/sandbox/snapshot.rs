@@ -318,7 +318,7 @@ async fn control(api_sock: &Path, request: Value) -> Result<Value, SnapshotError
 }
 
 /// Fresh random bytes from the host kernel.
-fn host_entropy() -> Result<Vec<u8>, SnapshotError> {
+pub(crate) fn host_entropy() -> Result<Vec<u8>, SnapshotError> {
     let mut buf = vec![0u8; ENTROPY_BYTES];
     let mut got = 0;
     while got < buf.len() {
