@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use super::load::{check_answer, Endpoint, Failure, Run};
+use super::load::{Endpoint, Run};
 use crate::serve::EnvironmentCpus;
 use bytes::Bytes;
 use serde::Serialize;
@@ -430,7 +430,7 @@ pub async fn invoke(
     };
     let kindling_err =
         |e: String| InvokeBenchError::Kindling(format!("{e}; agent log: {}", agent.log_tail()));
-    prepare(&kindling_target, &client, &payload, args, &mut progress)
+    prepare(&kindling_target, &payload, args, &mut progress)
         .await
         .map_err(kindling_err)?;
 
@@ -467,7 +467,7 @@ pub async fn invoke(
         InvokeBenchError::CargoLambda(format!("{e}; its log: {log}"))
     };
     if let Some(t) = &cargo_target {
-        prepare(t, &client, &payload, args, &mut progress)
+        prepare(t, &payload, args, &mut progress)
             .await
             .map_err(cargo_err)?;
     }
@@ -550,7 +550,6 @@ struct Target<'a> {
 /// Waits for the first good answer, then warms up at full concurrency.
 async fn prepare(
     target: &Target<'_>,
-    client: &reqwest::Client,
     payload: &Bytes,
     args: &InvokeBenchArgs,
     progress: &mut impl FnMut(InvokeProgress),
@@ -559,14 +558,8 @@ async fn prepare(
     progress(InvokeProgress::Phase(format!(
         "{system}: waiting for the first invocation to succeed"
     )));
-    wait_first_answer(
-        client,
-        &target.url,
-        payload,
-        args.start_timeout,
-        target.watch,
-    )
-    .await?;
+    let endpoint = Endpoint::parse(&target.url).await?;
+    wait_first_answer(&endpoint, payload, args.start_timeout, target.watch).await?;
     if args.warmup > 0 {
         progress(InvokeProgress::Phase(format!(
             "{system}: warming up ({} requests at concurrency {})",
@@ -674,40 +667,11 @@ fn summarize(system: &str, args: &InvokeBenchArgs, rounds: Vec<Round>) -> System
     }
 }
 
-/// One invocation.
-async fn invoke_once(
-    client: &reqwest::Client,
-    url: &str,
-    payload: &Bytes,
-    limit: Duration,
-) -> std::result::Result<(), Failure> {
-    let transport = |msg: String| Failure {
-        answered: false,
-        msg,
-    };
-    let res = client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(payload.clone())
-        .timeout(limit)
-        .send()
-        .await
-        .map_err(|e| transport(format!("request: {e}")))?;
-    let status = res.status();
-    let function_error = res.headers().get("x-amz-function-error").cloned();
-    let body = res
-        .bytes()
-        .await
-        .map_err(|e| transport(format!("body: {e}")))?;
-    check_answer(status, function_error.as_ref().map(|v| v.as_bytes()), &body)
-}
-
 /// Retries until one invocation succeeds while the server is not up yet; fails early when
 /// cargo-lambda exits or the server keeps answering with errors (a function that does not
 /// build or start would otherwise keep the benchmark waiting for the whole limit).
 async fn wait_first_answer(
-    client: &reqwest::Client,
-    url: &str,
+    endpoint: &Endpoint,
     payload: &Bytes,
     limit: Duration,
     watch: Option<&CargoLambda>,
@@ -721,7 +685,7 @@ async fn wait_first_answer(
         if left.is_zero() {
             return Err(format!("no successful invocation within {limit:?}"));
         }
-        let last = match invoke_once(client, url, payload, left).await {
+        let last = match super::load::invoke_once(endpoint, payload, left).await {
             Ok(()) => return Ok(()),
             Err(e) if e.answered => {
                 answered_errors += 1;

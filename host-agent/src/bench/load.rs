@@ -166,15 +166,7 @@ async fn run_workers(
             let mut first_error = None;
             while next.fetch_add(1, Ordering::Relaxed) < total {
                 let t = Instant::now();
-                let result = tokio::time::timeout(limit, invoke(&mut conn, &endpoint, &payload))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Failure {
-                            answered: false,
-                            msg: format!("no answer within {limit:?}"),
-                        })
-                    });
-                match result {
+                match within(limit, invoke(&mut conn, &endpoint, &payload)).await {
                     Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1e3),
                     Err(e) => {
                         // The connection's state is unknown: the next request opens a new one.
@@ -211,6 +203,28 @@ async fn run_workers(
     }
     run.elapsed = start.elapsed();
     run
+}
+
+/// One invocation on a connection of its own, within `limit` (for probing a server that may
+/// not be up yet).
+pub async fn invoke_once(
+    endpoint: &Endpoint,
+    payload: &Bytes,
+    limit: Duration,
+) -> Result<(), Failure> {
+    within(limit, invoke(&mut None, endpoint, payload)).await
+}
+
+async fn within(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<(), Failure>>,
+) -> Result<(), Failure> {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+        Err(Failure {
+            answered: false,
+            msg: format!("no answer within {limit:?}"),
+        })
+    })
 }
 
 /// One invocation on the worker's connection (opened first when there is none).
