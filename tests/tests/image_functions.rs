@@ -169,7 +169,13 @@ fn oci_image_function_in_a_microvm() {
     );
     // Warm: the same VM answers again.
     let r = agent.invoke("img-vm", br#"{"n":2}"#);
-    assert_eq!(r.json()["echo"], json!({"n": 2}));
+    assert_eq!(
+        r.json()["echo"],
+        json!({"n": 2}),
+        "{}\n{}",
+        r.text(),
+        agent.log()
+    );
 
     // An image with no ENTRYPOINT and no CMD fails its init with the reason.
     let bare = t.path().join("bare");
