@@ -317,6 +317,17 @@ impl Drop for Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // KINDLING_TEST_KEEP=1 keeps the data dir of a failed test (VM logs, snapshots, the
+        // function logs) and says where it is.
+        if std::thread::panicking() && std::env::var_os("KINDLING_TEST_KEEP").is_some() {
+            if let Some(t) = self._tmp.take() {
+                eprintln!(
+                    "KINDLING_TEST_KEEP: kept {} (agent log {})",
+                    t.keep().display(),
+                    self.log_path.display()
+                );
+            }
+        }
     }
 }
 
