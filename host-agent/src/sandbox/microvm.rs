@@ -891,15 +891,42 @@ impl MicrovmSandbox {
                     )
                 }
                 Err(e) => {
+                    let why = self.vmm_exit_note().await;
+                    tracing::warn!(function = %self.function.config.function_name, env = %self.id,
+                        "the guest connection broke ({e}){why}");
                     return failed(
                         self,
                         "Runtime.Unknown",
-                        format!("the guest connection broke ({e})"),
-                    )
+                        format!("the guest connection broke ({e}){why}"),
+                    );
                 }
             }
         }
     }
+}
+
+impl MicrovmSandbox {
+    /// Why the guest may have gone: when the VMM exits shortly after its connection broke
+    /// (a guest panic, an emulation failure on an emulating host), its status and the end of
+    /// its log; empty when it still runs.
+    pub(super) async fn vmm_exit_note(&mut self) -> String {
+        const EXIT_WAIT: Duration = Duration::from_millis(500);
+        match tokio::time::timeout(EXIT_WAIT, self.child.wait()).await {
+            Ok(status) => format!(
+                "; the VMM exited ({}): {}",
+                status.map(|s| s.to_string()).unwrap_or_default(),
+                vmm_log_tail(&self.env_dir)
+            ),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// The last lines of a VM's `vmm.log`, on one line.
+pub(super) fn vmm_log_tail(env_dir: &Path) -> String {
+    let log = std::fs::read_to_string(env_dir.join("vmm.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 impl Drop for MicrovmSandbox {

@@ -395,12 +395,10 @@ pub(super) async fn accept_guest(
     let stream = tokio::select! {
         accepted = listener.accept() => accepted.map_err(|e| format!("vsock accept: {e}"))?.0,
         status = env.child.wait() => {
-            let log = std::fs::read_to_string(env.env_dir.join("vmm.log")).unwrap_or_default();
-            let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev()
-                .collect::<Vec<_>>().join(" | ");
             return Err(format!(
-                "the VMM exited ({}): {tail}",
-                status.map(|s| s.to_string()).unwrap_or_default()
+                "the VMM exited ({}): {}",
+                status.map(|s| s.to_string()).unwrap_or_default(),
+                super::microvm::vmm_log_tail(&env.env_dir)
             ));
         }
         _ = tokio::time::sleep(limit) => {
