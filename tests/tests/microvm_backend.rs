@@ -1,8 +1,8 @@
 //! The agent's microvm backend end to end: a `provided.al2023` function built on the
 //! `lambda_runtime` crate (statically linked) answers from inside a microVM booted by
-//! `kindling-vmm`, with `guest-init` as PID 1, next to an external extension on the
-//! `lambda-extension` crate (`/opt/extensions` in the guest); a function error, a runtime
-//! crash and a timeout inside the VM reach the caller as they do with the process backend.
+//! `kindling-vmm`, with `guest-init` as PID 1; a function error, a runtime crash and a timeout
+//! inside the VM reach the caller as they do with the process backend; an external extension
+//! on the `lambda-extension` crate gets its events inside the VM.
 //!
 //! Slow on an emulating host (each cold start boots a guest kernel: ~10-15 s here, and a
 //! Python runtime's init adds more), so each test walks several paths, reusing the
@@ -18,14 +18,9 @@ fn lambda_runtime_function_in_a_microvm() {
         return;
     }
     let bootstrap = static_bin("echo-rust", "echo-rust");
-    let extension = static_bin("echo-rust", "echo-extension");
     let agent = microvm_agent();
     let code = std::fs::read(&bootstrap).unwrap();
-    let ext = std::fs::read(&extension).unwrap();
-    let z = zip(&[
-        ("bootstrap", &code, 0o755),
-        ("extensions/echo-extension", &ext, 0o755),
-    ]);
+    let z = zip(&[("bootstrap", &code, 0o755)]);
     agent.create_ok(
         "echo-vm",
         "provided.al2023",
@@ -67,23 +62,6 @@ fn lambda_runtime_function_in_a_microvm() {
     assert!(cold_report.starts_with("Duration: ") && cold_report.contains("\tMemory Size: 128 MB"));
     assert!(cold_report.contains("\tInit Duration: "), "{cold_report}");
     assert!(!warm_report.contains("Init Duration") && !warm_report.contains("Max Memory Used"));
-    // The extension in the guest got both invocations (its lines travel as Log frames).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let log_path = agent.data_dir.join("logs/echo-vm.log");
-    loop {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if [&cold, &warm]
-            .iter()
-            .all(|rid| log.contains(&format!(" echo-extension: INVOKE {rid}\n")))
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the extension's INVOKE lines are missing:\n{log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
     let tail = r.header("x-amz-log-result").expect("X-Amz-Log-Result");
     let tail = String::from_utf8(
         base64::engine::general_purpose::STANDARD
@@ -139,6 +117,52 @@ fn lambda_runtime_function_in_a_microvm() {
         "{}",
         agent.log()
     );
+}
+
+/// An external extension (`echo-extension`, on the `lambda-extension` crate) next to the
+/// `lambda_runtime` function in a microVM: registered before the runtime starts, it gets each
+/// INVOKE (its lines travel to the function log as Log frames).
+#[test]
+fn lambda_extension_in_a_microvm() {
+    if !have_kvm("microvm backend test") {
+        return;
+    }
+    let code = std::fs::read(static_bin("echo-rust", "echo-rust")).unwrap();
+    let ext = std::fs::read(static_bin("echo-rust", "echo-extension")).unwrap();
+    let agent = microvm_agent();
+    agent.create_ok(
+        "ext-vm",
+        "provided.al2023",
+        "bootstrap",
+        &zip(&[
+            ("bootstrap", &code, 0o755),
+            ("extensions/echo-extension", &ext, 0o755),
+        ]),
+        json!({"Timeout": 10}),
+    );
+    let mut rids = Vec::new();
+    for n in 0..2 {
+        let r = agent.invoke("ext-vm", json!({ "n": n }).to_string().as_bytes());
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), agent.log());
+        assert_eq!(r.json()["echo"], json!({ "n": n }), "{}", agent.log());
+        rids.push(r.header("x-amzn-requestid").unwrap().to_string());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let log_path = agent.data_dir.join("logs/ext-vm.log");
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if rids
+            .iter()
+            .all(|rid| log.contains(&format!(" echo-extension: INVOKE {rid}\n")))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the extension's INVOKE lines are missing:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// The bundled hello-python example, served by awslambdaric on the python3.11 base image
