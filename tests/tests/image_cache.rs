@@ -289,8 +289,10 @@ fn second_host_reads_from_l2_and_a_memcached_node_down_fails_no_read() {
     };
     let spread: Vec<usize> = nodes.iter().map(on).collect();
     assert_eq!(spread.iter().sum::<usize>(), 12, "{spread:?}");
+    // Rendezvous hashing over nodes on random ports: 12 chunks may leave one node empty
+    // (~2 % of runs), but all on one node would be a bug.
     assert!(
-        spread.iter().all(|&n| n > 0),
+        spread.iter().filter(|&&n| n > 0).count() >= 2,
         "rendezvous spread {spread:?}"
     );
     // Host B (another process, its own L1): everything from L2.
@@ -298,9 +300,10 @@ fn second_host_reads_from_l2_and_a_memcached_node_down_fails_no_read() {
     // Host A again: its own L1 (disk; memory is per process).
     assert_eq!(hits(&pull("a")), (12, 0, 0));
 
-    // One node down: its chunks come from L3, the rest from L2, no read fails.
-    let lost = spread[0] as u64;
-    nodes[0].stop();
+    // One node down (the fullest): its chunks come from L3, the rest from L2, no read fails.
+    let down = (0..nodes.len()).max_by_key(|&i| spread[i]).unwrap_or(0);
+    let lost = spread[down] as u64;
+    nodes[down].stop();
     let p = pull("c");
     assert_eq!(hits(&p), (0, 12 - lost, lost));
     // The lost node's chunks were refilled onto their runner-up nodes.
