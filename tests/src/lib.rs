@@ -54,16 +54,23 @@ pub fn static_bin(package: &str, bin: &str) -> PathBuf {
 /// An agent on the microvm backend with the workspace's static guest-init and an init limit
 /// of 120 s (the agent raises it further where the host emulates guest kernel code).
 pub fn microvm_agent() -> Agent {
+    microvm_agent_with(&[])
+}
+
+/// [`microvm_agent`] with more `kindling serve` arguments.
+pub fn microvm_agent_with(more: &[&str]) -> Agent {
     let guest_init = static_bin("guest-init", "guest-init");
+    let mut extra_args: Vec<String> = vec![
+        "--backend".into(),
+        "microvm".into(),
+        "--guest-init".into(),
+        guest_init.display().to_string(),
+        "--init-timeout".into(),
+        "120".into(),
+    ];
+    extra_args.extend(more.iter().map(|a| a.to_string()));
     Agent::start_with(AgentOptions {
-        extra_args: vec![
-            "--backend".into(),
-            "microvm".into(),
-            "--guest-init".into(),
-            guest_init.display().to_string(),
-            "--init-timeout".into(),
-            "120".into(),
-        ],
+        extra_args,
         ..Default::default()
     })
 }
