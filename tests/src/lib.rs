@@ -184,6 +184,26 @@ impl Agent {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits up to `limit` until `function`'s log file has every one of `lines` (extensions
+    /// write concurrently with the invocation: their lines may land after its END); returns
+    /// the log.
+    pub fn wait_log_lines(&self, function: &str, lines: &[String], limit: Duration) -> String {
+        let path = self.data_dir.join(format!("logs/{function}.log"));
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            if lines.iter().all(|l| log.contains(l.as_str())) {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "missing some of {lines:?} in:\n{log}\nagent log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }

@@ -193,25 +193,6 @@ fn extension_gets_invokes_holds_the_next_one_and_gets_spindown_at_agent_stop() {
     assert!(last["deadlineMs"].as_u64().unwrap() > 0);
 }
 
-/// Waits until the function's log has every one of `lines` (extensions write concurrently
-/// with the invocation: their lines may land after its END).
-fn wait_log_lines(agent: &Agent, function: &str, lines: &[String]) -> String {
-    let path = agent.data_dir.join(format!("logs/{function}.log"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = std::fs::read_to_string(&path).unwrap_or_default();
-        if lines.iter().all(|l| log.contains(l.as_str())) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "missing some of {lines:?} in:\n{log}\nagent log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The real Rust extension client (`lambda-extension`, in the `echo-extension` example) next
 /// to the real runtime client (`lambda_runtime`, `echo-rust`).
 #[test]
@@ -240,12 +221,12 @@ fn lambda_extension_crate_gets_invoke_and_shutdown_events() {
         .iter()
         .map(|rid| format!(" echo-extension: INVOKE {rid}\n"))
         .collect();
-    wait_log_lines(&agent, "rust-ext", &invokes);
+    agent.wait_log_lines("rust-ext", &invokes, Duration::from_secs(20));
     agent.stop();
-    wait_log_lines(
-        &agent,
+    agent.wait_log_lines(
         "rust-ext",
         &[" echo-extension: SHUTDOWN spindown\n".to_string()],
+        Duration::from_secs(20),
     );
 }
 

@@ -147,22 +147,11 @@ fn lambda_extension_in_a_microvm() {
         assert_eq!(r.json()["echo"], json!({ "n": n }), "{}", agent.log());
         rids.push(r.header("x-amzn-requestid").unwrap().to_string());
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let log_path = agent.data_dir.join("logs/ext-vm.log");
-    loop {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if rids
-            .iter()
-            .all(|rid| log.contains(&format!(" echo-extension: INVOKE {rid}\n")))
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the extension's INVOKE lines are missing:\n{log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let invokes: Vec<String> = rids
+        .iter()
+        .map(|rid| format!(" echo-extension: INVOKE {rid}\n"))
+        .collect();
+    agent.wait_log_lines("ext-vm", &invokes, std::time::Duration::from_secs(30));
 }
 
 /// The bundled hello-python example, served by awslambdaric on the python3.11 base image
