@@ -907,26 +907,64 @@ impl MicrovmSandbox {
 
 impl MicrovmSandbox {
     /// Why the guest may have gone: when the VMM exits shortly after its connection broke
-    /// (a guest panic, an emulation failure on an emulating host), its status and the end of
-    /// its log; empty when it still runs.
+    /// (a guest panic, an emulation failure on an emulating host), its status, the end of
+    /// its log and the guest's last console lines; empty when it still runs.
     pub(super) async fn vmm_exit_note(&mut self) -> String {
         const EXIT_WAIT: Duration = Duration::from_millis(500);
         match tokio::time::timeout(EXIT_WAIT, self.child.wait()).await {
-            Ok(status) => format!(
-                "; the VMM exited ({}): {}",
-                status.map(|s| s.to_string()).unwrap_or_default(),
-                vmm_log_tail(&self.env_dir)
-            ),
+            Ok(status) => exit_note(status, &self.env_dir),
             Err(_) => String::new(),
         }
     }
 }
 
-/// The last lines of a VM's `vmm.log`, on one line.
-pub(super) fn vmm_log_tail(env_dir: &Path) -> String {
-    let log = std::fs::read_to_string(env_dir.join("vmm.log")).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().rev().take(5).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+/// "; the VMM exited (...): <vmm.log tail>; guest console: <serial.log tail>" for a VMM that
+/// has exited. The console matters most: a guest kernel panic (`panic=1 reboot=k` turns it
+/// into a clean VMM exit) or guest-init's last words are only there.
+pub(super) fn exit_note(
+    status: std::io::Result<std::process::ExitStatus>,
+    env_dir: &Path,
+) -> String {
+    let status = status
+        .map(|s| s.to_string())
+        .unwrap_or_else(|e| e.to_string());
+    let mut note = format!(
+        "; the VMM exited ({status}): {}",
+        log_tail(&env_dir.join("vmm.log"), 5)
+    );
+    let console = log_tail(&env_dir.join("serial.log"), 12);
+    if !console.is_empty() {
+        note.push_str("; guest console: ");
+        note.push_str(&console);
+    }
+    note
+}
+
+/// The last `lines` lines of a log file (at most its last 16 KiB), on one line.
+fn log_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX_TAIL: u64 = 16 * 1024;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(MAX_TAIL)))
+        .is_err()
+        || file.take(MAX_TAIL).read_to_end(&mut buf).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let tail: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .rev()
+        .take(lines)
+        .collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 impl Drop for MicrovmSandbox {
@@ -952,5 +990,36 @@ async fn has_extensions(f: &Function) -> bool {
 async fn forward_stream(sink: Option<&StreamSink>, ev: StreamEvent, deadline: Instant) {
     if let Some(sink) = sink {
         let _ = tokio::time::timeout_at(deadline.into(), sink.send(ev)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_note_carries_the_guest_console_tail() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("vmm.log"), "starting\nguest reset\n").unwrap();
+        let console: String = (0..5000).map(|i| format!("[ {i}] boot line\n")).collect();
+        let console = console + "Kernel panic - not syncing: Attempted to kill init!\n\n";
+        std::fs::write(d.path().join("serial.log"), console).unwrap();
+        let status = std::process::Command::new("true").status();
+        let note = exit_note(status, d.path());
+        assert!(note.starts_with("; the VMM exited (exit status: 0): starting | guest reset; "));
+        let console = note.split("; guest console: ").nth(1).unwrap();
+        assert_eq!(console.split(" | ").count(), 12);
+        assert!(console.ends_with("Kernel panic - not syncing: Attempted to kill init!"));
+        assert!(console.starts_with("[ 4989] boot line"));
+    }
+
+    #[test]
+    fn exit_note_without_logs_says_only_the_status() {
+        let d = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("false").status();
+        assert_eq!(
+            exit_note(status, d.path()),
+            "; the VMM exited (exit status: 1): "
+        );
     }
 }

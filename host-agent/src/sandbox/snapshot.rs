@@ -395,11 +395,8 @@ pub(super) async fn accept_guest(
     let stream = tokio::select! {
         accepted = listener.accept() => accepted.map_err(|e| format!("vsock accept: {e}"))?.0,
         status = env.child.wait() => {
-            return Err(format!(
-                "the VMM exited ({}): {}",
-                status.map(|s| s.to_string()).unwrap_or_default(),
-                super::microvm::vmm_log_tail(&env.env_dir)
-            ));
+            let note = super::microvm::exit_note(status, &env.env_dir);
+            return Err(note.trim_start_matches("; ").to_string());
         }
         _ = tokio::time::sleep(limit) => {
             return Err(format!("the guest did not reconnect within {limit:?}"));
