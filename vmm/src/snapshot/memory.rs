@@ -56,6 +56,11 @@ fn is_set(bitmap: &[u64], page: u64) -> bool {
 /// Writes guest memory to `path` as laid out in `layout`: every non-zero page when
 /// `layout.dirty` is `None` (zero pages stay holes), else only the dirty pages. The file is
 /// created (or truncated) at the full size, so its size always identifies the layout.
+///
+/// A full snapshot of anonymous memory reads only the pages this process has mapped
+/// ([`super::prefetch::mapped_pages`]): the rest are zero, and reading them would map the
+/// shared zero page into every untouched guest page (work for nothing, and the guest's first
+/// write to each such page would then have to replace a mapping the VMM made).
 pub fn write_memory(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
@@ -69,38 +74,55 @@ pub fn write_memory(
         .map_err(werr(path))?;
     file.set_len(layout.total_size()).map_err(werr(path))?;
     let mut buf = vec![0u8; CHUNK as usize];
+    let mapped = match layout.dirty {
+        None => super::prefetch::mapped_pages(mem),
+        Some(_) => Vec::new(),
+    };
     for (i, r) in layout.regions.iter().enumerate() {
         let dirty = layout.dirty.as_ref().and_then(|d| d.get(i));
+        // The pages to read: the dirty ones (diff), the mapped ones (full, anonymous memory),
+        // or all of them.
+        let wanted = dirty.or(mapped.get(i).and_then(Option::as_ref));
         let mut off = 0;
         while off < r.size {
             let n = CHUNK.min(r.size - off);
-            let chunk = &mut buf[..n as usize];
             let first_page = off / PAGE_SIZE;
-            let pages = n / PAGE_SIZE;
-            // A diff chunk without dirty pages is skipped without reading guest memory.
-            if let Some(d) = dirty {
-                if !(first_page..first_page + pages).any(|p| is_set(d, p)) {
-                    off += n;
-                    continue;
+            let pages = first_page..first_page + n / PAGE_SIZE;
+            off += n;
+            let chunk = &mut buf[..n as usize];
+            match wanted {
+                None => read_guest(mem, chunk, r.guest_addr + first_page * PAGE_SIZE)?,
+                // A chunk without wanted pages is skipped without reading guest memory.
+                Some(w) if !pages.clone().any(|p| is_set(w, p)) => continue,
+                // Page by page: a page that is not wanted is never read.
+                Some(w) => {
+                    for (p, page) in pages.clone().zip(chunk.chunks_mut(PAGE_SIZE as usize)) {
+                        if is_set(w, p) {
+                            read_guest(mem, page, r.guest_addr + p * PAGE_SIZE)?;
+                        } else {
+                            page.fill(0);
+                        }
+                    }
                 }
             }
-            mem.read_slice(chunk, GuestAddress(r.guest_addr + off))
-                .map_err(|e| SnapshotError::Invalid(format!("reading guest memory: {e}")))?;
-            for (k, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
-                let p = first_page + k as u64;
-                let wanted = match dirty {
+            for (p, page) in pages.zip(chunk.chunks(PAGE_SIZE as usize)) {
+                let keep = match dirty {
                     Some(d) => is_set(d, p),
                     None => page.iter().any(|b| *b != 0),
                 };
-                if wanted {
+                if keep {
                     file.write_all_at(page, r.file_offset + p * PAGE_SIZE)
                         .map_err(werr(path))?;
                 }
             }
-            off += n;
         }
     }
     file.sync_all().map_err(werr(path))
+}
+
+fn read_guest(mem: &GuestMemoryMmap, buf: &mut [u8], addr: u64) -> Result<(), SnapshotError> {
+    mem.read_slice(buf, GuestAddress(addr))
+        .map_err(|e| SnapshotError::Invalid(format!("reading guest memory: {e}")))
 }
 
 /// Opens the memory file and checks its size against the layout.

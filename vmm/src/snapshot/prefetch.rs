@@ -251,6 +251,33 @@ pub fn record(mem: &GuestMemoryMmap) -> Result<WorkingSet, PrefetchError> {
     Ok(ws)
 }
 
+/// Per guest region, the pages that may hold data, as a bitmap (bit `p % 64` of word
+/// `p / 64`): for anonymous memory, those present or swapped in this process's page tables;
+/// the others were never touched (or were discarded) and read as zero. `None` for a region
+/// that is a file mapping (a restored VM: untouched pages come from the file) or when pagemap
+/// cannot be read: every page may hold data.
+pub fn mapped_pages(mem: &GuestMemoryMmap) -> Vec<Option<Vec<u64>>> {
+    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+        return vec![None; mem.num_regions()];
+    };
+    mem.iter()
+        .map(|r| {
+            if r.file_offset().is_some() {
+                return None;
+            }
+            let host = r.get_host_address(MemoryRegionAddress(0)).ok()? as u64;
+            let mut bits = vec![0u64; (r.len() / PAGE_SIZE).div_ceil(64) as usize];
+            pagemap_entries(&pagemap, host, r.len(), |i, e| {
+                if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+                    bits[(i / 64) as usize] |= 1 << (i % 64);
+                }
+            })
+            .ok()?;
+            Some(bits)
+        })
+        .collect()
+}
+
 /// Bytes of guest memory mapped in this process (pagemap present or swapped), or `None` when
 /// pagemap cannot be read. Unlike `mincore`, this does not count page-cache pages of the
 /// memory file that this process never touched.

@@ -272,3 +272,42 @@ fn memory_round_trip_is_lazy_private_and_diffs_merge() {
     let e = merge(&base, &diff_mem, &full_state).unwrap_err();
     assert!(e.to_string().contains("not a diff"), "{e}");
 }
+
+#[test]
+fn full_snapshots_of_anonymous_memory_read_only_its_mapped_pages() {
+    let set = |bits: &[u64]| -> Vec<u64> {
+        (0..256)
+            .filter(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let m = mem();
+    m.write_slice(b"touched", GuestAddress(3 * 4096)).unwrap();
+    m.write_slice(b"also", GuestAddress(200 * 4096 + 10))
+        .unwrap();
+    let full = layout_of(&m, None);
+    let path = dir.path().join("full.mem");
+    write_memory(&m, &full, &path).unwrap();
+    let mut want = vec![0u8; 256 * 4096];
+    want[3 * 4096..3 * 4096 + 7].copy_from_slice(b"touched");
+    want[200 * 4096 + 10..200 * 4096 + 14].copy_from_slice(b"also");
+    assert!(std::fs::read(&path).unwrap() == want);
+    // Writing the snapshot mapped no page the guest had not touched.
+    let mapped = prefetch::mapped_pages(&m);
+    let bits = mapped[0]
+        .as_deref()
+        .expect("anonymous memory has a pagemap");
+    assert_eq!(set(bits), vec![3, 200]);
+
+    // A restored VM's memory is a file mapping: untouched pages come from the file, so a full
+    // snapshot of it reads every page.
+    let restored = map_memory(&path, &full).unwrap();
+    assert!(prefetch::mapped_pages(&restored)[0].is_none());
+    restored
+        .write_slice(b"later", GuestAddress(7 * 4096))
+        .unwrap();
+    let again = dir.path().join("again.mem");
+    write_memory(&restored, &full, &again).unwrap();
+    want[7 * 4096..7 * 4096 + 5].copy_from_slice(b"later");
+    assert!(std::fs::read(&again).unwrap() == want);
+}
