@@ -912,13 +912,13 @@ impl MicrovmSandbox {
     pub(super) async fn vmm_exit_note(&mut self) -> String {
         const EXIT_WAIT: Duration = Duration::from_millis(500);
         match tokio::time::timeout(EXIT_WAIT, self.child.wait()).await {
-            Ok(status) => exit_note(status, &self.env_dir),
+            Ok(status) => format!("; {}", exit_note(status, &self.env_dir)),
             Err(_) => String::new(),
         }
     }
 }
 
-/// "; the VMM exited (...): <vmm.log tail>; guest console: <serial.log tail>" for a VMM that
+/// "the VMM exited (...): <vmm.log tail>; guest console: <serial.log tail>" for a VMM that
 /// has exited. The console matters most: a guest kernel panic (`panic=1 reboot=k` turns it
 /// into a clean VMM exit) or guest-init's last words are only there.
 pub(super) fn exit_note(
@@ -929,7 +929,7 @@ pub(super) fn exit_note(
         .map(|s| s.to_string())
         .unwrap_or_else(|e| e.to_string());
     let mut note = format!(
-        "; the VMM exited ({status}): {}",
+        "the VMM exited ({status}): {}",
         log_tail(&env_dir.join("vmm.log"), 5)
     );
     let console = log_tail(&env_dir.join("serial.log"), 12);
@@ -1006,7 +1006,7 @@ mod tests {
         std::fs::write(d.path().join("serial.log"), console).unwrap();
         let status = std::process::Command::new("true").status();
         let note = exit_note(status, d.path());
-        assert!(note.starts_with("; the VMM exited (exit status: 0): starting | guest reset; "));
+        assert!(note.starts_with("the VMM exited (exit status: 0): starting | guest reset; "));
         let console = note.split("; guest console: ").nth(1).unwrap();
         assert_eq!(console.split(" | ").count(), 12);
         assert!(console.ends_with("Kernel panic - not syncing: Attempted to kill init!"));
@@ -1019,7 +1019,7 @@ mod tests {
         let status = std::process::Command::new("false").status();
         assert_eq!(
             exit_note(status, d.path()),
-            "; the VMM exited (exit status: 1): "
+            "the VMM exited (exit status: 1): "
         );
     }
 }

@@ -395,8 +395,7 @@ pub(super) async fn accept_guest(
     let stream = tokio::select! {
         accepted = listener.accept() => accepted.map_err(|e| format!("vsock accept: {e}"))?.0,
         status = env.child.wait() => {
-            let note = super::microvm::exit_note(status, &env.env_dir);
-            return Err(note.trim_start_matches("; ").to_string());
+            return Err(super::microvm::exit_note(status, &env.env_dir));
         }
         _ = tokio::time::sleep(limit) => {
             return Err(format!("the guest did not reconnect within {limit:?}"));
