@@ -184,6 +184,21 @@ impl Agent {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Invokes the echo function `function` with `{"n": 0}` .. `{"n": count - 1}`, checks that
+    /// each comes back (status 200, echoed event), and returns their request ids.
+    pub fn invoke_echoes(&self, function: &str, count: usize) -> Vec<String> {
+        (0..count)
+            .map(|n| {
+                let r = self.invoke(function, json!({ "n": n }).to_string().as_bytes());
+                assert_eq!(r.status, 200, "{}; log:\n{}", r.text(), self.log());
+                assert_eq!(r.json()["echo"], json!({ "n": n }), "log:\n{}", self.log());
+                r.header("x-amzn-requestid")
+                    .expect("x-amzn-requestid")
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// Waits up to `limit` until `function`'s log file has every one of `lines` (extensions
     /// write concurrently with the invocation: their lines may land after its END); returns
     /// the log.

@@ -210,14 +210,8 @@ fn lambda_extension_crate_gets_invoke_and_shutdown_events() {
         ]),
         json!({"Timeout": 10}),
     );
-    let mut rids = Vec::new();
-    for n in 0..2 {
-        let r = agent.invoke("rust-ext", json!({ "n": n }).to_string().as_bytes());
-        assert_eq!(r.status, 200, "{}; log:\n{}", r.text(), agent.log());
-        assert_eq!(r.json()["echo"], json!({ "n": n }));
-        rids.push(request_id(&r));
-    }
-    let invokes: Vec<String> = rids
+    let invokes: Vec<String> = agent
+        .invoke_echoes("rust-ext", 2)
         .iter()
         .map(|rid| format!(" echo-extension: INVOKE {rid}\n"))
         .collect();

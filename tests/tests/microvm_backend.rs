@@ -140,14 +140,8 @@ fn lambda_extension_in_a_microvm() {
         ]),
         json!({"Timeout": 10}),
     );
-    let mut rids = Vec::new();
-    for n in 0..2 {
-        let r = agent.invoke("ext-vm", json!({ "n": n }).to_string().as_bytes());
-        assert_eq!(r.status, 200, "{}\n{}", r.text(), agent.log());
-        assert_eq!(r.json()["echo"], json!({ "n": n }), "{}", agent.log());
-        rids.push(r.header("x-amzn-requestid").unwrap().to_string());
-    }
-    let invokes: Vec<String> = rids
+    let invokes: Vec<String> = agent
+        .invoke_echoes("ext-vm", 2)
         .iter()
         .map(|rid| format!(" echo-extension: INVOKE {rid}\n"))
         .collect();
